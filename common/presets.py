@@ -1,0 +1,49 @@
+"""Per-task default settings, filled into every script's `Args` fields left at None.
+
+Two presets per task: `paper` (the official configs, SPEC sections 2-3, for the paper's hub models) and
+`embedded` (the offline default models: the same method, sized to finish in minutes on a 2-core CPU).
+A field given on the command line always wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+PAPER = {
+    "imdb": dict(iterations=50, rollouts_per_iteration=112, minibatch_size=28, n_epochs=5, gamma=0.99, lam=0.95,
+                 vf_coef=0.5, clip_range=0.2, clip_range_vf=0.2, kl_coef=0.001, lr=1e-5, lr_schedule="linear",
+                 weight_decay=0.0, prompt_tokens=64, eval_interval=10, eval_samples=500,
+                 ppo_pp_beta=0.6, aggrevated_beta=0.8, lols_beta=0.8, p_ppo_pp=0.8, d2lols_beta=0.8, tau=20,
+                 guide_top_p=0.92, guide_top_k=50),
+    "commongen": dict(iterations=500, rollouts_per_iteration=128, minibatch_size=32, n_epochs=4, gamma=0.99,
+                      lam=0.95, vf_coef=30.0, clip_range=0.2, clip_range_vf=0.2, kl_coef=0.0, lr=5e-6,
+                      lr_schedule="linear", weight_decay=0.0, prompt_tokens=15, eval_interval=50, eval_samples=993,
+                      ppo_pp_beta=0.8, aggrevated_beta=0.8, lols_beta=0.8, p_ppo_pp=0.8, d2lols_beta=0.8, tau=100,
+                      guide_top_p=0.92, guide_top_k=0),
+    "tldr": dict(iterations=1000, rollouts_per_iteration=128, minibatch_size=32, n_epochs=4, gamma=1.0, lam=0.95,
+                 vf_coef=0.1, clip_range=0.2, clip_range_vf=0.2, kl_coef=0.002, lr=5e-6, lr_schedule="constant",
+                 weight_decay=0.01, prompt_tokens=500, eval_interval=100, eval_samples=500,
+                 ppo_pp_beta=0.8, aggrevated_beta=1.0, lols_beta=0.8, p_ppo_pp=0.8, d2lols_beta=0.8, tau=200,
+                 guide_top_p=0.92, guide_top_k=0),
+}
+
+# Embedded defaults: same method, fewer and smaller iterations; tau and the other schedule lengths keep
+# the paper's proportions (IMDB 20 of 50, CommonGen 100 of 500, TL;DR 200 of 1000).
+EMBEDDED = {
+    "imdb": {**PAPER["imdb"], **dict(iterations=50, rollouts_per_iteration=32, minibatch_size=16, n_epochs=4,
+                                      kl_coef=0.05, lr=5e-5, eval_interval=10, eval_samples=64, tau=20)},
+    "commongen": {**PAPER["commongen"], **dict(iterations=60, rollouts_per_iteration=32, minibatch_size=16,
+                                                n_epochs=4, kl_coef=0.01, lr=5e-5, prompt_tokens=32,
+                                                eval_interval=20, eval_samples=64, tau=12)},
+    "tldr": {**PAPER["tldr"], **dict(iterations=40, rollouts_per_iteration=16, minibatch_size=8, n_epochs=4,
+                                      kl_coef=0.02, lr=5e-5, prompt_tokens=256, eval_interval=10,
+                                      eval_samples=48, tau=8)},
+}
+
+
+def fill_presets(args, task_name: str, embedded: bool):
+    """Return a copy of `args` whose None fields take the task's preset."""
+    preset = (EMBEDDED if embedded else PAPER)[task_name]
+    updates = {f.name: preset[f.name] for f in dataclasses.fields(args)
+               if getattr(args, f.name) is None and f.name in preset}
+    return dataclasses.replace(args, **updates)

@@ -1,0 +1,212 @@
+"""The three tasks of the paper: data loading, prompts, references and lengths (SPEC section 3).
+
+Every split becomes a list of `Example(prompt, references)`. The data comes from the Hugging Face Hub
+by default; when a local folder is given (`--data-dir` or the environment variable RLGF_DATA_DIR) laid
+out like ../shared/data (`imdb/`, `common_gen/`, `openai_summarize_tldr/`, JSONL in the hub's schemas),
+the very same preprocessing runs on those files instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.errors import UsageError
+
+DATA_DIR_ENV = "RLGF_DATA_DIR"
+
+
+@dataclass
+class Example:
+    prompt: str
+    """the text the policy continues"""
+    references: list[str]
+    """human reference continuations (IMDB: the review's second half; CommonGen: every sentence written
+    for the concept set; TL;DR: the human TL;DR)"""
+    meta: dict = field(default_factory=dict)
+    """task-specific extras: IMDB label, CommonGen concepts, TL;DR title"""
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    hub_id: str
+    local_dir: str
+    split_files: dict
+    """our split name -> (hub split, local file); None where the split is derived (IMDB validation)"""
+    prompt_tokens: int
+    """prompt length in tokens (paper)"""
+    min_new_tokens: int
+    max_new_tokens: int
+    truncation: str
+    """how an over-long prompt is cut: 'left' keeps its end, 'tldr' cuts the post and keeps 'TL;DR:'"""
+    paper_policy: str
+    paper_reward: str
+
+    def load(self, split: str, data_dir: str | None = None, limit: int | None = None) -> list[Example]:
+        return load_split(self, split, data_dir, limit)
+
+
+TASKS = {
+    "imdb": Task(
+        name="imdb",
+        hub_id="stanfordnlp/imdb",
+        local_dir="imdb",
+        split_files={"train": ("train", "train.jsonl"), "validation": ("train", "train.jsonl"),
+                     "test": ("test", "test.jsonl")},
+        prompt_tokens=64, min_new_tokens=48, max_new_tokens=48, truncation="left",
+        paper_policy="rajkumarrrk/gpt2-fine-tuned-on-imdb-positive-reviews",
+        paper_reward="lvwerra/distilbert-imdb",
+    ),
+    "commongen": Task(
+        name="commongen",
+        hub_id="allenai/common_gen",
+        local_dir="common_gen",
+        split_files={"train": ("train", "train.jsonl"), "validation": ("validation", "validation.jsonl"),
+                     "test": ("test", "test.jsonl")},
+        prompt_tokens=15, min_new_tokens=5, max_new_tokens=20, truncation="left",
+        paper_policy="rajkumarrrk/t5-common-gen",
+        paper_reward="CIDEr-D + SPICE",
+    ),
+    "tldr": Task(
+        name="tldr",
+        hub_id="CarperAI/openai_summarize_tldr",
+        local_dir="openai_summarize_tldr",
+        split_files={"train": ("train", "train.jsonl"), "validation": ("valid", "valid.jsonl"),
+                     "test": ("test", "test.jsonl")},
+        prompt_tokens=500, min_new_tokens=5, max_new_tokens=50, truncation="tldr",
+        paper_policy="CarperAI/openai_summarize_tldr_sft",
+        paper_reward="learned reward model (jdchang/tldr_rm_adapter)",
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise UsageError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def resolve_data_dir(data_dir: str | None) -> str | None:
+    """--data-dir wins over RLGF_DATA_DIR; None means the Hugging Face Hub."""
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise UsageError(f"data folder {data_dir!r} does not exist: point --data-dir or {DATA_DIR_ENV} "
+                         "at a folder laid out like ../shared/data")
+    return data_dir
+
+
+# ---------------------------------------------------------------------------------------------------
+# raw rows: hub or local JSONL, same schema
+# ---------------------------------------------------------------------------------------------------
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _raw_rows(task: Task, split: str, data_dir: str | None) -> list[dict]:
+    hub_split, filename = task.split_files[split]
+    if data_dir is not None:
+        path = Path(data_dir) / task.local_dir / filename
+        if not path.is_file():
+            raise UsageError(f"missing data file {path}: the data folder must hold "
+                             f"{task.local_dir}/{filename} (laid out like ../shared/data)")
+        return _read_jsonl(path)
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(task.hub_id, split=hub_split)
+    except Exception as e:  # no network, no cache: one line that says how to fix it
+        raise UsageError(f"cannot load {task.hub_id!r} from the Hugging Face Hub ({type(e).__name__}); "
+                         f"offline, set {DATA_DIR_ENV} or --data-dir to a folder laid out like "
+                         "../shared/data") from None
+    return [dict(r) for r in ds]
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-task preprocessing (SPEC section 3)
+# ---------------------------------------------------------------------------------------------------
+def _imdb(rows: list[dict], split: str) -> list[Example]:
+    if split in ("train", "validation"):
+        # the hub has no validation split: 80/20 split of train with seed 42
+        order = list(range(len(rows)))
+        random.Random(42).shuffle(order)
+        n_train = int(0.8 * len(rows))
+        order = order[:n_train] if split == "train" else order[n_train:]
+        rows = [rows[i] for i in order]
+    out = []
+    for r in rows:
+        words = r["text"].split()
+        half = len(words) // 2
+        # prompt: the first 50% of the review's whitespace words (both labels)
+        out.append(Example(prompt=" ".join(words[:half]), references=[" " + " ".join(words[half:])],
+                           meta={"label": int(r["label"])}))
+    return out
+
+
+def commongen_prompt(concepts: list[str]) -> str:
+    return "generate a sentence with: " + " ".join(concepts) + "."
+
+
+def _commongen(rows: list[dict], split: str) -> list[Example]:
+    groups: OrderedDict = OrderedDict()  # one example per concept set, every reference kept
+    for r in rows:
+        key = (r["concept_set_idx"], tuple(r["concepts"]))
+        groups.setdefault(key, []).append(r["target"].strip())
+    out = []
+    for (_, concepts), targets in groups.items():
+        refs = [" " + t for t in targets if t]
+        out.append(Example(prompt=commongen_prompt(list(concepts)), references=refs,
+                           meta={"concepts": list(concepts)}))
+    return out
+
+
+def _tldr(rows: list[dict], split: str) -> list[Example]:
+    out = []
+    for r in rows:
+        # the hub's prompts end in "TL;DR: " (one space) and labels carry no leading space: join robustly
+        prompt = r["prompt"].rstrip()
+        title = ""
+        for line in prompt.split("\n"):
+            if line.startswith("TITLE:"):
+                title = line[len("TITLE:"):].strip()
+        out.append(Example(prompt=prompt, references=[" " + r["label"].strip()], meta={"title": title}))
+    return out
+
+
+_PREPROCESS = {"imdb": _imdb, "commongen": _commongen, "tldr": _tldr}
+
+
+def load_split(task: Task, split: str, data_dir: str | None = None, limit: int | None = None) -> list[Example]:
+    if split not in task.split_files:
+        raise UsageError(f"unknown split {split!r} for task {task.name}: choose train, validation or test")
+    data_dir = resolve_data_dir(data_dir)
+    examples = _PREPROCESS[task.name](_raw_rows(task, split, data_dir), split)
+    if not examples:
+        raise UsageError(f"the {split} split of {task.name} is empty")
+    return examples[:limit] if limit else examples
+
+
+# ---------------------------------------------------------------------------------------------------
+# prompt tokenisation with the task's truncation rule
+# ---------------------------------------------------------------------------------------------------
+TLDR_MARK = "TL;DR:"
+
+
+def encode_prompt(task: Task, tokenizer, prompt: str, max_tokens: int) -> list[int]:
+    """Token ids of one prompt, at most `max_tokens` long, cut the way the task asks."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return ids
+    if task.truncation == "tldr" and TLDR_MARK in prompt:
+        # cut the post, never the closing "TL;DR:" (SPEC section 3): head keeps subreddit, title, post start
+        cut = prompt.rfind("\n" + TLDR_MARK)
+        cut = cut if cut >= 0 else prompt.rfind(TLDR_MARK)
+        tail = tokenizer(prompt[cut:], add_special_tokens=False)["input_ids"]
+        head = tokenizer(prompt[:cut], add_special_tokens=False)["input_ids"]
+        return head[: max(0, max_tokens - len(tail))] + tail[-max_tokens:]
+    return ids[-max_tokens:]  # keep the end of the prompt, which the continuation must follow
