@@ -261,6 +261,7 @@ def main(args: Args):
             ri, rm = right_pad(out.tokens, pad, device=device)
             rm = rm.float()
             old_logprobs = rt.right_pad_float(out.logprobs, ri.shape[1], device)  # from sampling (SPEC 4.2)
+            learner = rm  # the tokens the learner sampled: all of them
 
             # ---- line 3: reward, reference log-probs, values ----------------------------------
             t0 = time.time()
@@ -276,15 +277,15 @@ def main(args: Args):
             t_rew = time.time() - t0
 
             # ---- line 4: per-token reward: KL penalty on every token, R(x, y) on the last one ---
-            kl = kl_per_token(old_logprobs, ref_logprobs, args.kl_estimator) * rm
+            kl = kl_per_token(old_logprobs, ref_logprobs, args.kl_estimator) * learner
             rewards = -kl_ctl.value * kl
             last = (rm.sum(1).long() - 1).clamp(min=0)
             rewards[torch.arange(len(batch), device=device), last] += scores
 
             # ---- line 5: GAE and advantage whitening -------------------------------------------
             advantages, returns = compute_gae(rewards, values, rm, args.gamma, args.lam)
-            advantages = masked_whiten(advantages, rm, world)
-            policy_mask = value_mask = rm  # PPO: every response token trains policy and critic
+            policy_mask = value_mask = learner  # PPO: every response token trains policy and critic
+            advantages = masked_whiten(advantages, policy_mask, world)
 
             # ---- line 6: n_epochs of clipped PPO updates over minibatches ----------------------
             t0 = time.time()

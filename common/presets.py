@@ -41,9 +41,11 @@ EMBEDDED = {
 }
 
 
-def fill_presets(args, task_name: str, embedded: bool):
-    """Return a copy of `args` whose None fields take the task's preset."""
+def fill_presets(args, task_name: str, embedded: bool, aliases: dict | None = None):
+    """Return a copy of `args` whose None fields take the task's preset; `aliases` maps a field to the
+    preset key it reads (e.g. beta -> ppo_pp_beta)."""
     preset = (EMBEDDED if embedded else PAPER)[task_name]
-    updates = {f.name: preset[f.name] for f in dataclasses.fields(args)
-               if getattr(args, f.name) is None and f.name in preset}
+    aliases = aliases or {}
+    updates = {f.name: preset[aliases.get(f.name, f.name)] for f in dataclasses.fields(args)
+               if getattr(args, f.name) is None and aliases.get(f.name, f.name) in preset}
     return dataclasses.replace(args, **updates)

@@ -326,3 +326,26 @@ def reference_nll(model, tok, task: Task, examples, qi, qm, args) -> torch.Tenso
     lp, _ = forward_response(model, qi, qm, ri, rm, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                              min_new_tokens=0, temperature=args.temperature)
     return -(lp * rm).sum() / rm.sum().clamp(min=1)
+
+
+def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, device, *, top_p: float, top_k: int,
+                temperature: float, min_new_tokens: int):
+    """The frozen black-box guide: `model` (an HF causal LM, default the task's embedded guide) or `rule`
+    (our rule-based guide for CommonGen and TL;DR)."""
+    from common.guides import RULE_GUIDES, CallableGuide, HFGuide
+
+    if kind == "rule":
+        if task.name not in RULE_GUIDES:
+            raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {task.name}: use --guide model")
+        return CallableGuide(RULE_GUIDES[task.name], name=f"{task.name}-rule")
+    if kind != "model":
+        raise UsageError(f"--guide must be model or rule, not {kind!r}")
+    gtok = load_tokenizer(guide_path)
+    model = load_causal_lm(guide_path, gtok, device, "--guide-model")
+    return HFGuide(model, gtok, top_p=top_p, top_k=top_k, temperature=temperature,
+                   min_new_tokens=min_new_tokens, device=device, name=guide_path)
+
+
+def mixed_rows(prompts, guide_parts, learner_parts, scores):
+    """Sample-table rows that mark where the guide's text ends and the learner's begins."""
+    return list(zip(prompts, guide_parts, learner_parts, scores))

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny offline model folders per task, the local data folder, an isolated cache.
+
+Nothing here downloads anything: tokenizers are trained on a few hundred rows of the local data (or on
+synthetic text when the data folder is absent) and the models are randomly initialised 2-layer GPT-2s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+HAS_DATA = all((DATA / d).is_dir() for d in ("imdb", "common_gen", "openai_summarize_tldr"))
+needs_data = pytest.mark.skipif(not HAS_DATA, reason=f"local data folder {DATA} is absent")
+
+if str(REPO) not in sys.path:  # `import ppo` and `import common` from the repository root
+    sys.path.insert(0, str(REPO))
+
+# the task's local train file and the text of one row, for training the tiny tokenizers
+_TRAIN_TEXT = {
+    "imdb": ("imdb/train.jsonl", lambda r: r["text"]),
+    "commongen": ("common_gen/train.jsonl", lambda r: " ".join(r["concepts"]) + ". " + r["target"]),
+    "tldr": ("openai_summarize_tldr/train.jsonl", lambda r: r["prompt"] + " " + r["label"]),
+}
+_WORDS = ("the a movie film was is great good awful bad plot actor story dog cat ran sat on mat park threw "
+          "ball generate sentence with SUBREDDIT TITLE POST TL;DR r/relationships my boyfriend and i").split()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """RLGF_CACHE_DIR points at a session tmp folder: the tests never touch ~/.cache."""
+    old = os.environ.get("RLGF_CACHE_DIR")
+    os.environ["RLGF_CACHE_DIR"] = str(tmp_path_factory.mktemp("rlgf-cache"))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    yield
+    if old is None:
+        os.environ.pop("RLGF_CACHE_DIR", None)
+    else:
+        os.environ["RLGF_CACHE_DIR"] = old
+
+
+def train_texts(task: str, n: int = 300) -> list[str]:
+    """A few hundred rows of the task's train text, or synthetic text when the data is absent."""
+    rel, text_of = _TRAIN_TEXT[task]
+    path = DATA / rel
+    if path.is_file():
+        out = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    out.append(text_of(json.loads(line)))
+                if len(out) >= n:
+                    break
+        return out
+    rng = random.Random(0)
+    return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 60))) for _ in range(n)]
+
+
+def boost_eos(model, eos_id: int, logit: float = 4.0):
+    """Make EOS likely (about e^logit / (e^logit + V) per step) while every logit still depends on the
+    input: the final LayerNorm's bias points along EOS's (tied) output embedding."""
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        u = torch.randn(wte.shape[1], generator=torch.Generator().manual_seed(7))
+        u = u / u.norm()
+        wte[eos_id] = u
+        model.transformer.ln_f.bias.copy_(logit * u)
+
+
+def build_tiny_model(task: str, out: Path, vocab_size: int = 400, eos_logit: float | None = None, seed: int = 0) -> Path:
+    """Byte-level BPE tokenizer (EOS = BOS = <|endoftext|>, pad = <|pad|>) + a random 2-layer GPT-2."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from common.models import EmbeddedConfig, _train_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _train_tokenizer(train_texts(task), EmbeddedConfig(vocab_size=vocab_size), out)
+    assert tok.pad_token_id != tok.eos_token_id
+    torch.manual_seed(seed)
+    # default GPT-2 dropout (0.1) on purpose: the project must switch it off (SPEC 4.2)
+    config = GPT2Config(vocab_size=len(tok), n_positions=384, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
+    model = GPT2LMHeadModel(config)
+    if eos_logit is not None:
+        boost_eos(model, tok.eos_token_id, eos_logit)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Factory: tiny_model(task, eos_logit=None) -> folder saved with save_pretrained (built once)."""
+    cache: dict = {}
+
+    def make(task: str, eos_logit: float | None = None) -> Path:
+        key = (task, eos_logit)
+        if key not in cache:
+            name = f"tiny-{task}" + ("" if eos_logit is None else f"-eos{eos_logit:g}")
+            cache[key] = build_tiny_model(task, tmp_path_factory.mktemp(name), eos_logit=eos_logit)
+        return cache[key]
+
+    return make
