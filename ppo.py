@@ -201,7 +201,7 @@ def main(args: Args):
     val = task.load("validation", data_dir, limit=args.eval_samples)
     policy_path, _ = rt.resolve_models(task, args.policy_model, None, data_dir, rank, world, log)
     rt.seed_everything(args.seed)
-    tok, policy, ref, critic = rt.build_policy_ref_critic(policy_path, device)
+    tok, policy, ref, critic = rt.build_policy_ref_critic(policy_path, device, args.prompt_tokens + args.max_new_tokens)
     reward_fn = rt.make_reward(task, args.reward_model, train, device, log)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     params = list(policy.parameters()) + list(critic.parameters())

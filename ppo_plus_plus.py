@@ -226,7 +226,7 @@ def main(args: Args):
                            temperature=args.guide_temperature, min_new_tokens=args.min_new_tokens)
     rt.seed_everything(args.seed)
     mix_rng = random.Random(args.seed)  # mixing coins and switch points: their own stream
-    tok, policy, ref, critic = rt.build_policy_ref_critic(policy_path, device)
+    tok, policy, ref, critic = rt.build_policy_ref_critic(policy_path, device, args.prompt_tokens + args.max_new_tokens)
     reward_fn = rt.make_reward(task, args.reward_model, train, device, log)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     params = list(policy.parameters()) + list(critic.parameters())

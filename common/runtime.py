@@ -99,12 +99,15 @@ def resolve_models(task: Task, policy_model: str | None, guide_model: str | None
     return policy_model or em.policy, (guide_model or em.guide) if need_guide else None
 
 
-def build_policy_ref_critic(policy_path: str, device):
-    """The learner, its frozen reference copy (KL penalty) and a critic on the same initial backbone."""
-    from transformers import AutoModel
-
+def build_policy_ref_critic(policy_path: str, device, context: int):
+    """The learner, its frozen reference copy (KL penalty) and a critic on the same initial backbone.
+    `context` = prompt tokens + new tokens must fit the model's positions."""
     tok = load_tokenizer(policy_path)
     policy = load_causal_lm(policy_path, tok, device, "--policy-model")
+    limit = getattr(policy.config, "n_positions", None) or getattr(policy.config, "max_position_embeddings", None)
+    if limit and context > limit:
+        raise UsageError(f"prompt + response ({context} tokens) exceed the {limit} positions of {policy_path}: "
+                         "lower --prompt-tokens or --max-new-tokens")
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     critic = make_critic(policy_path, tok, device)
     return tok, policy, ref, critic
@@ -247,10 +250,10 @@ class RunLogger:
     def scalars(self, metrics: dict, step: int):
         if not self.enabled:
             return
+        metrics = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
         for k, v in metrics.items():
-            if v is not None and np.isfinite(v):
-                self.writer.add_scalar(k, v, step)
-        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+            self.writer.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
 
     def table(self, tag: str, header: list[str], rows: list[tuple], step: int, n: int = 8):

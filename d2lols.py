@@ -1,0 +1,475 @@
+"""D2LOLS: AggreVaTeD for the first tau iterations, then PPO++ ("Learning to Generate Better Than Your
+LLM", Chang et al., arXiv 2306.11816, D2LOLS: first imitate the guide's cost-to-go, then improve past it).
+
+Algorithm (one iteration; numbers name the lines the loop's comments refer to)
+  0  phase: AggreVaTeD while iteration <= tau, PPO++ after
+  1  draw a batch of prompts x from the train split
+  2  AggreVaTeD: learner roll-in y_in ~ pi_theta, k ~ U{1..len-1} with probability beta (else 0), guide roll-out
+     PPO++: guide roll-in y_in ~ pi_g, k ~ U{1..len-1} with probability beta (else 0), learner roll-out
+     y = y_in[:k] + y_out
+  3  score R(x, y); log-probs of pi_ref; values of the phase's critic: the guide critic V_psi in the
+     AggreVaTeD phase, the learner critic V_phi after
+  4  per-token reward r_t = -kl_coef * KL_t on the learner's tokens, plus R(x, y) at the last token
+  5  advantages by GAE(gamma, lambda); whiten them over the learner's tokens
+  6  for n_epochs, for each minibatch: clipped policy loss and clipped value loss with the phase's masks:
+     AggreVaTeD: policy on t < k, critic V_psi on t >= k;  PPO++: policy and critic V_phi on t >= k
+  7  evaluate on the validation split every eval_interval iterations (the learner alone, no guide)
+
+Run:  python d2lols.py --task tldr        (the README's main job; --guide rule for the rule-based guide)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import runtime as rt
+from common.errors import UsageError, one_line_errors
+from common.generation import decode, forward_response, left_pad, right_pad, sample
+from common.guides import guide_continue
+from common.presets import fill_presets
+from common.tasks import get_task, resolve_data_dir
+
+
+@dataclass
+class Args:
+    task: str = "imdb"
+    """task: imdb, commongen or tldr"""
+    data_dir: str | None = None
+    """folder laid out like ../shared/data (JSONL in the hub's schemas); default: $RLGF_DATA_DIR, else the Hub"""
+    policy_model: str | None = None
+    """learner's initial model, hub id or folder; default: the task's embedded model (built once, cached)"""
+    guide: str = "model"
+    """the black-box guide: model (an HF causal LM, --guide-model) or rule (our rule-based guide: commongen, tldr)"""
+    guide_model: str | None = None
+    """guide model, hub id or folder; default: the task's embedded guide (IMDB: SFT on positive reviews)"""
+    guide_top_p: float | None = None
+    """guide's nucleus sampling (paper 0.92); the learner always samples with top_p 1"""
+    guide_top_k: int | None = None
+    """guide's top-k (paper: 50 on IMDB, 0 = off elsewhere)"""
+    guide_temperature: float = 1.0
+    """guide's sampling temperature"""
+    beta: float | None = None
+    """probability of a switch point k > 0 in both parts (paper: 0.8 on every task)"""
+    tau: int | None = None
+    """AggreVaTeD iterations before switching to PPO++ (paper: 20 of 50, 100 of 500, 200 of 1000)"""
+    reward_model: str | None = None
+    """IMDB: a sentiment classifier (paper: lvwerra/distilbert-imdb), default VADER; TL;DR: a reward model
+    (sequence classifier), default ROUGE-L against the reference; unused by CommonGen (CIDEr-D + SPICE)"""
+    output_dir: str = "runs"
+    """run folders (TensorBoard logs, metrics.jsonl, checkpoint, final policy) go here"""
+    run_name: str | None = None
+    """run folder name; default <algo>-<task>-seed<seed>-<time>"""
+    resume: str | None = None
+    """run folder of an earlier run to continue from its last checkpoint"""
+    seed: int = 1
+    """seed of every random number generator"""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda"""
+
+    # lengths (default: the task's)
+    prompt_tokens: int | None = None
+    """prompt length in tokens (longer prompts are cut the task's way)"""
+    min_new_tokens: int | None = None
+    """EOS is masked before this many response tokens, in sampling and in the loss alike"""
+    max_new_tokens: int | None = None
+    """response length limit"""
+    temperature: float = 1.0
+    """sampling temperature, the same in the loss"""
+
+    # batch hierarchy (SPEC 4.7)
+    iterations: int | None = None
+    """PPO iterations"""
+    rollouts_per_iteration: int | None = None
+    """prompts rolled out per iteration, over all processes"""
+    minibatch_size: int | None = None
+    """rollouts per optimiser step, over all processes; must divide rollouts_per_iteration"""
+    micro_batch_size: int | None = None
+    """rollouts per forward/backward per process (gradient accumulation); default: the whole minibatch"""
+    n_epochs: int | None = None
+    """passes over the iteration's rollouts"""
+
+    # PPO
+    lr: float | None = None
+    """AdamW learning rate of policy and critic"""
+    lr_schedule: str | None = None
+    """linear (decay to 0) or constant"""
+    weight_decay: float | None = None
+    """AdamW weight decay"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip, applied to the policy and the critic separately"""
+    gamma: float | None = None
+    """discount"""
+    lam: float | None = None
+    """GAE lambda"""
+    clip_range: float | None = None
+    """policy ratio clip"""
+    clip_range_vf: float | None = None
+    """value clip around the rollout's values"""
+    vf_coef: float | None = None
+    """value-loss coefficient"""
+    kl_coef: float | None = None
+    """initial coefficient of the per-token KL penalty in the reward"""
+    kl_estimator: str = "k1"
+    """per-token KL estimator in the reward: k1 (log-ratio) or k3 ((r - 1) - log r)"""
+    kl_target: float | None = None
+    """set to use the adaptive KL controller (target KL per sequence, nats); None keeps kl_coef fixed"""
+    kl_horizon: int = 10000
+    """adaptive KL controller horizon (in rollouts)"""
+    nll_coef: float = 0.0
+    """weight of a negative log-likelihood term on the dataset reference (the official code's 0.1; off)"""
+
+    # evaluation and logging
+    eval_interval: int | None = None
+    """evaluate every this many iterations (and at start and end)"""
+    eval_samples: int | None = None
+    """validation prompts per evaluation"""
+    save_interval: int | None = None
+    """checkpoint every this many iterations; default eval_interval"""
+    sample_rows: int = 8
+    """rows in the TensorBoard sample tables"""
+
+
+ALGO = "d2lols"
+
+
+def compute_gae(rewards, values, mask, gamma: float, lam: float):
+    """GAE over response tokens (SPEC 4.6), V = 0 after the last token. All [B, T], right-padded."""
+    T = rewards.shape[1]
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_mask = mask[:, t + 1] if t + 1 < T else torch.zeros_like(mask[:, 0])
+        next_v = values[:, t + 1] * next_mask if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = (delta + gamma * lam * next_mask * last) * mask[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * mask
+
+
+def masked_mean(x, mask, world: int = 1):
+    """Mean over valid tokens; over all processes when world > 1."""
+    s = torch.stack([(x * mask).sum(), mask.sum()])
+    s = rt.all_reduce_mean(s, world)
+    return s[0] / s[1].clamp(min=1)
+
+
+def masked_whiten(x, mask, world: int = 1):
+    """Advantage whitening over the valid tokens of the whole batch (SPEC 4.6)."""
+    mean = masked_mean(x, mask, world)
+    var = masked_mean((x - mean) ** 2, mask, world)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def kl_per_token(logprobs, ref_logprobs, estimator: str):
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise UsageError(f"--kl-estimator must be k1 or k3, not {estimator!r}")
+
+
+class AdaptiveKL:
+    """Ziegler et al.'s proportional controller; its state goes into checkpoints."""
+
+    def __init__(self, coef: float, target: float | None, horizon: int):
+        self.value, self.target, self.horizon = coef, target, horizon
+
+    def update(self, kl: float, n: int):
+        if self.target is not None:
+            err = float(np.clip(kl / self.target - 1, -0.2, 0.2))
+            self.value *= 1 + err * n / self.horizon
+
+
+def check_args(args: Args, world: int):
+    if args.lr_schedule not in ("linear", "constant"):
+        raise UsageError(f"--lr-schedule must be linear or constant, not {args.lr_schedule!r}")
+    if args.min_new_tokens > args.max_new_tokens:
+        raise UsageError(f"--min-new-tokens {args.min_new_tokens} exceeds --max-new-tokens {args.max_new_tokens}")
+    if args.tau < 0:
+        raise UsageError(f"--tau must be >= 0, not {args.tau}")
+    if not 0.0 <= args.beta <= 1.0:
+        raise UsageError(f"--beta must be in [0, 1], not {args.beta}")
+    rt.check_batch_sizes(args.rollouts_per_iteration, args.minibatch_size, args.micro_batch_size, world)
+
+
+@one_line_errors
+def main(args: Args):
+    rt.quiet_libraries()
+    task = get_task(args.task)
+    data_dir = resolve_data_dir(args.data_dir)
+    args = fill_presets(args, task.name, embedded=args.policy_model is None, aliases={"beta": "d2lols_beta"})
+    args = dataclasses.replace(
+        args, min_new_tokens=task.min_new_tokens if args.min_new_tokens is None else args.min_new_tokens,
+        max_new_tokens=args.max_new_tokens or task.max_new_tokens,
+        save_interval=args.save_interval or args.eval_interval)
+    rank, world, device = rt.setup_device(args.device)
+    args = dataclasses.replace(args, micro_batch_size=args.micro_batch_size or args.minibatch_size // world)
+    check_args(args, world)
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    # ---- data, models, reward -------------------------------------------------------------------
+    train = task.load("train", data_dir)
+    val = task.load("validation", data_dir, limit=args.eval_samples)
+    policy_path, guide_path = rt.resolve_models(task, args.policy_model, args.guide_model, data_dir, rank, world, log,
+                                                need_guide=args.guide == "model")
+    guide = rt.build_guide(args.guide, task, guide_path, None, device, top_p=args.guide_top_p, top_k=args.guide_top_k,
+                           temperature=args.guide_temperature, min_new_tokens=args.min_new_tokens)
+    rt.seed_everything(args.seed)
+    mix_rng = random.Random(args.seed)  # mixing coins and switch points: their own stream
+    tok, policy, ref, critic = rt.build_policy_ref_critic(policy_path, device, args.prompt_tokens + args.max_new_tokens)
+    guide_critic = rt.make_critic(policy_path, tok, device)  # V_psi: the guide's value, AggreVaTeD iterations
+    reward_fn = rt.make_reward(task, args.reward_model, train, device, log)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    params = list(policy.parameters()) + list(critic.parameters()) + list(guide_critic.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay)
+    kl_ctl = AdaptiveKL(args.kl_coef, args.kl_target, args.kl_horizon)
+    sampler = rt.PromptSampler(len(train), args.seed)
+    run_dir = Path(args.resume) if args.resume else rt.run_dir_for(args.output_dir, ALGO, task.name, args.seed, args.run_name)
+    start = 1
+    if args.resume:
+        ck = rt.load_checkpoint(run_dir / "checkpoint.pt")
+        policy.load_state_dict(ck["policy"]), critic.load_state_dict(ck["critic"])
+        guide_critic.load_state_dict(ck["guide_critic"])
+        optimizer.load_state_dict(ck["optimizer"]), sampler.load_state_dict(ck["sampler"])
+        kl_ctl.value, start = ck["kl_coef"], ck["iteration"] + 1
+        mix_rng.setstate(ck["mix_rng"])
+        rt.set_rng_state(ck["rng"])
+    policy_t = DDP(policy) if world > 1 else policy
+    critics = {"ppo++": critic, "aggrevated": guide_critic}
+    critics_t = {k: DDP(c) if world > 1 else c for k, c in critics.items()}
+    logger = rt.RunLogger(run_dir, args, enabled=rank == 0, purge_step=start if args.resume else None)
+    log(f"{ALGO} on {task.name}: guide {getattr(guide, 'name', args.guide)}, beta {args.beta}; policy {policy_path}, {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M "
+        f"params, {world} process(es) on {device}; run folder {run_dir}")
+
+    def run_eval(step):
+        m, rows = rt.evaluate(policy, ref, tok, task, val, reward_fn, args, device)
+        logger.scalars({f"eval/{k}": v for k, v in m.items()}, step)
+        logger.table("eval/samples", ["prompt", "response", "reward"], rows, step, args.sample_rows)
+        return m
+
+    def checkpoint(it):
+        if rank == 0:
+            rt.save_checkpoint(run_dir / "checkpoint.pt", {
+                "policy": policy.state_dict(), "critic": critics["ppo++"].state_dict(),
+                "guide_critic": critics["aggrevated"].state_dict(), "optimizer": optimizer.state_dict(),
+                "sampler": sampler.state_dict(), "kl_coef": kl_ctl.value, "iteration": it, "rng": rt.rng_state(),
+                "mix_rng": mix_rng.getstate()})
+
+    first_eval = run_eval(start - 1) if rank == 0 else None
+    local = args.rollouts_per_iteration // world
+    mb_local = args.minibatch_size // world
+    progress = rt.progress_bar(range(start, args.iterations + 1), enabled=rank == 0)
+    last_eval = None
+    try:
+        for it in progress:
+            t_iter = time.time()
+            frac = 1.0 - (it - 1) / args.iterations
+            lr = args.lr * frac if args.lr_schedule == "linear" else args.lr
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+
+            # ---- line 1: a batch of prompts (this process's slice of the global batch) -----------
+            idx = sampler.next(args.rollouts_per_iteration)[rank * local: (rank + 1) * local]
+            batch = [train[i] for i in idx]
+            queries = rt.encode_prompts(task, tok, batch, args.prompt_tokens)
+
+            # ---- line 0: D2LOLS's schedule: AggreVaTeD for tau iterations, then PPO++ -----------
+            phase = "aggrevated" if it <= args.tau else "ppo++"
+            critic, critic_t = critics[phase], critics_t[phase]  # V_psi in AggreVaTeD iterations, V_phi in PPO++
+            if phase == "ppo++":
+                # ---- line 2: guide roll-in with probability beta, switch point k ~ U{1..len-1} ------
+                t0 = time.time()
+                mixed = [i for i in range(len(batch)) if mix_rng.random() < args.beta]
+                prefixes, guide_full = [[] for _ in batch], []
+                if mixed:
+                    guide_full = guide_continue(guide, tok, [queries[i] for i in mixed], [[] for _ in mixed],
+                                                max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
+                    for i, y_in in zip(mixed, guide_full):
+                        prefixes[i] = y_in[: mix_rng.randint(1, len(y_in) - 1)] if len(y_in) >= 2 else []
+                t_guide = time.time() - t0
+                # ---- line 2: the learner rolls out from x + y_in[:k] --------------------------------
+                t0 = time.time()
+                out = sample(policy, queries, prefixes=prefixes, max_new_tokens=args.max_new_tokens,
+                             min_new_tokens=args.min_new_tokens, eos_id=eos, pad_id=pad, temperature=args.temperature,
+                             device=device)
+                t_gen = time.time() - t0
+                ri, rm = right_pad([p + y for p, y in zip(prefixes, out.tokens)], pad, device=device)
+                rm = rm.float()
+                old_logprobs = rt.right_pad_float([[0.0] * len(p) + lp for p, lp in zip(prefixes, out.logprobs)],
+                                                  ri.shape[1], device)  # learner tokens: from sampling (SPEC 4.2)
+                switch = torch.tensor([len(p) for p in prefixes], device=device)
+                learner = rm * (torch.arange(ri.shape[1], device=device)[None] >= switch[:, None]).float()
+                completions = [p + y for p, y in zip(prefixes, out.tokens)]
+                guide_scores_src = ("full guide samples", mixed, guide_full)
+                table = ("guide part", "learner part", prefixes, out.tokens)
+            else:
+                # ---- line 2: the learner rolls in; switch point k ~ U{1..len-1} with probability beta --
+                t0 = time.time()
+                roll_in = sample(policy, queries, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                                 eos_id=eos, pad_id=pad, temperature=args.temperature, device=device)
+                t_gen = time.time() - t0
+                ks = [mix_rng.randint(1, len(y) - 1) if mix_rng.random() < args.beta and len(y) >= 2 else 0
+                      for y in roll_in.tokens]
+                prefixes = [y[:k] for y, k in zip(roll_in.tokens, ks)]
+                # ---- line 2: the guide rolls out from x + y_in[:k] ----------------------------------
+                t0 = time.time()
+                guide_out = guide_continue(guide, tok, queries, prefixes, max_new_tokens=args.max_new_tokens,
+                                           min_new_tokens=args.min_new_tokens)
+                t_guide = time.time() - t0
+                ri, rm = right_pad([p + y for p, y in zip(prefixes, guide_out)], pad, device=device)
+                rm = rm.float()
+                old_logprobs = rt.right_pad_float([lp[:k] for lp, k in zip(roll_in.logprobs, ks)],
+                                                  ri.shape[1], device)  # learner tokens: from sampling (SPEC 4.2)
+                switch = torch.tensor(ks, device=device)
+                learner = rm * (torch.arange(ri.shape[1], device=device)[None] < switch[:, None]).float()
+                completions = [p + y for p, y in zip(prefixes, guide_out)]
+                guide_scores_src = ("k = 0 samples", [i for i, k in enumerate(ks) if k == 0], None)
+                table = ("learner part", "guide part", prefixes, guide_out)
+            qi, qm = left_pad(queries, pad, device)
+
+            # ---- line 3: reward, reference log-probs, values ----------------------------------
+            t0 = time.time()
+            with torch.no_grad():
+                ref_logprobs, _ = forward_response(ref, qi, qm, ri, rm.long(), eos_id=eos, pad_id=pad,
+                                                   min_new_tokens=args.min_new_tokens, temperature=args.temperature)
+                values = critic(qi, qm, ri, rm.long()) * rm
+            t_fwd = time.time() - t0
+            t0 = time.time()
+            responses = decode(tok, completions)
+            scores = torch.tensor(reward_fn([e.prompt for e in batch], responses, [e.references for e in batch]),
+                                  dtype=torch.float, device=device)
+            _, rows, full = guide_scores_src  # reward of guide-only samples
+            guide_scores = (reward_fn([batch[i].prompt for i in rows], decode(tok, full), [batch[i].references for i in rows])
+                            if full else [scores[i].item() for i in rows]) if rows else []
+            t_rew = time.time() - t0
+
+            # ---- line 4: per-token reward: KL penalty on every token, R(x, y) on the last one ---
+            kl = kl_per_token(old_logprobs, ref_logprobs, args.kl_estimator) * learner
+            rewards = -kl_ctl.value * kl
+            last = (rm.sum(1).long() - 1).clamp(min=0)
+            rewards[torch.arange(len(batch), device=device), last] += scores
+
+            # ---- line 5: GAE and advantage whitening -------------------------------------------
+            advantages, returns = compute_gae(rewards, values, rm, args.gamma, args.lam)
+            policy_mask = learner  # the learner's tokens: t >= k in PPO++, t < k in AggreVaTeD (SPEC 5.3)
+            value_mask = learner if phase == "ppo++" else rm - learner  # AggreVaTeD: V_psi on the guide completion
+            advantages = masked_whiten(advantages, policy_mask, world)
+
+            # ---- line 6: n_epochs of clipped PPO updates over minibatches ----------------------
+            t0 = time.time()
+            stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "ratio", "nll")}
+            for epoch in range(args.n_epochs):
+                perm = torch.randperm(local, device="cpu")
+                for mb_start in range(0, local, mb_local):
+                    mb = perm[mb_start: mb_start + mb_local]
+                    n_pol = policy_mask[mb].sum().clamp(min=1)
+                    n_val = value_mask[mb].sum().clamp(min=1)
+                    optimizer.zero_grad(set_to_none=True)
+                    for micro_start in range(0, mb_local, args.micro_batch_size):
+                        mi = mb[micro_start: micro_start + args.micro_batch_size].to(device)
+                        m_pol, m_val = policy_mask[mi], value_mask[mi]
+                        new_logprobs, entropy = forward_response(
+                            policy_t, qi[mi], qm[mi], ri[mi], rm[mi].long(), eos_id=eos, pad_id=pad,
+                            min_new_tokens=args.min_new_tokens, temperature=args.temperature, with_entropy=True)
+                        log_ratio = (new_logprobs - old_logprobs[mi]) * m_pol
+                        ratio = torch.exp(log_ratio)
+                        adv = advantages[mi]
+                        pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_range, 1 + args.clip_range))
+                        pg_loss = (pg_losses * m_pol).sum() / n_pol
+                        v = critic_t(qi[mi], qm[mi], ri[mi], rm[mi].long())
+                        v_clip = values[mi] + (v - values[mi]).clamp(-args.clip_range_vf, args.clip_range_vf)
+                        vf_losses = torch.max((v - returns[mi]) ** 2, (v_clip - returns[mi]) ** 2)
+                        vf_loss = 0.5 * (vf_losses * m_val).sum() / n_val
+                        loss = pg_loss + args.vf_coef * vf_loss
+                        if args.nll_coef > 0:  # optional NLL on the dataset reference (off by default)
+                            nll = rt.reference_nll(policy_t, tok, task, [batch[j] for j in mi.tolist()], qi[mi], qm[mi], args)
+                            loss = loss + args.nll_coef * nll * len(mi) / mb_local
+                            stats["nll"].append(nll.item())
+                        loss.backward()
+                        with torch.no_grad():
+                            stats["pg_loss"].append(pg_loss.item() * mb_local / len(mi))
+                            stats["vf_loss"].append(vf_loss.item() * mb_local / len(mi))
+                            stats["clipfrac"].append(float(((ratio - 1).abs() > args.clip_range).float().mul(m_pol).sum() / m_pol.sum().clamp(min=1)))
+                            stats["vf_clipfrac"].append(float(((v - values[mi]).abs() > args.clip_range_vf).float().mul(m_val).sum() / m_val.sum().clamp(min=1)))
+                            stats["approx_kl"].append(float((0.5 * log_ratio ** 2 * m_pol).sum() / m_pol.sum().clamp(min=1)))
+                            stats["entropy"].append(float((entropy * m_pol).sum() / m_pol.sum().clamp(min=1)))
+                            stats["ratio"].append(float((ratio * m_pol).sum() / m_pol.sum().clamp(min=1)))
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)  # the phase's critic
+                    optimizer.step()
+            t_upd = time.time() - t0
+
+            # ---- logging (fixed metric names, see README) --------------------------------------
+            kl_seq = float(rt.all_reduce_mean(kl.sum(1).mean(), world))
+            kl_ctl.update(kl_seq, args.rollouts_per_iteration)
+            score_mean = float(rt.all_reduce_mean(scores.mean(), world))
+            resid = masked_mean((returns - values) ** 2, value_mask, world) - masked_mean(returns - values, value_mask, world) ** 2
+            ret_var = masked_mean(returns ** 2, value_mask, world) - masked_mean(returns, value_mask, world) ** 2
+            n_tokens = float(rt.all_reduce_mean(rm.sum(), world)) * world
+            dt = time.time() - t_iter
+            metrics = {
+                "objective/reward": score_mean, "objective/kl": kl_seq, "objective/kl_coef": kl_ctl.value,
+                "objective/rlhf_reward": score_mean - kl_ctl.value * kl_seq,
+                "objective/entropy": float(np.mean(stats["entropy"])),
+                "loss/policy": float(np.mean(stats["pg_loss"])), "loss/value": float(np.mean(stats["vf_loss"])),
+                "policy/clipfrac": float(np.mean(stats["clipfrac"])), "policy/approx_kl": float(np.mean(stats["approx_kl"])),
+                "policy/ratio": float(np.mean(stats["ratio"])), "value/clipfrac": float(np.mean(stats["vf_clipfrac"])),
+                "value/explained_variance": float(1 - resid / ret_var.clamp(min=1e-8)),
+                "train/lr": lr, "train/response_length": n_tokens / args.rollouts_per_iteration,
+                "guide/mix_fraction": float((switch > 0).float().mean()),
+                "guide/switch_point": float(switch[switch > 0].float().mean()) if (switch > 0).any() else 0.0,
+                "guide/phase": 1.0 if phase == "ppo++" else 0.0,
+                "guide/guide_tokens": float((rm - learner).sum(1).mean()),
+                "guide/learner_tokens": float(learner.sum(1).mean()),
+                "guide/reward_guide_only": float(np.mean(guide_scores)) if guide_scores else float("nan"),
+                "time/guide_generate": t_guide,
+                "time/iteration": dt, "time/generate": t_gen, "time/forward": t_fwd, "time/reward": t_rew,
+                "time/update": t_upd, "time/tokens_per_second": n_tokens / dt,
+            }
+            if stats["nll"]:
+                metrics["loss/nll"] = float(np.mean(stats["nll"]))
+            logger.scalars(metrics, it)
+            if it % args.eval_interval == 0 or it == args.iterations:
+                logger.table(f"train/samples ({phase})", ["prompt", table[0], table[1], "reward"],
+                             rt.mixed_rows([e.prompt for e in batch], decode(tok, table[2]), decode(tok, table[3]),
+                                           scores.tolist()), it, args.sample_rows)
+            progress.set_postfix(reward=f"{score_mean:.3f}", kl=f"{kl_seq:.2f}")
+
+            # ---- line 7: evaluation and checkpoints --------------------------------------------
+            last_eval = None
+            if rank == 0 and (it % args.eval_interval == 0 or it == args.iterations):
+                last_eval = run_eval(it)
+            if it % args.save_interval == 0 or it == args.iterations:
+                checkpoint(it)
+    except KeyboardInterrupt:
+        if rank == 0:
+            rt.save_final(policy, critics["ppo++"], tok, run_dir)
+            print(f"\ninterrupted: policy saved to {run_dir / 'policy'}; continue with --resume {run_dir}", file=sys.stderr)
+        raise SystemExit(130)
+
+    if rank == 0:
+        final = last_eval if last_eval is not None else run_eval(args.iterations)
+        rt.save_final(policy, critics["ppo++"], tok, run_dir)
+        rt.print_before_after(first_eval, final)
+        print(f"policy saved to {run_dir / 'policy'}")
+        logger.close()
+        return first_eval, final
+    return None
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,643 @@
+"""ppo.py and the shared foundation it stands on (common/generation.py, runtime.py, models.py).
+
+Unit tests check the numbers of the algorithm (GAE, whitening, KL estimators, log-prob consistency between
+sampling and training); the end-to-end tests run ppo.main in-process on tiny random models for 2 iterations.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ppo
+from common import runtime as rt
+from common.errors import UsageError
+from common.generation import forward_response, left_pad, right_pad, sample
+from common.models import load_causal_lm, load_tokenizer
+from conftest import DATA, REPO, needs_data, train_texts
+
+
+# ---------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------
+def _load(path):
+    tok = load_tokenizer(str(path))
+    return tok, load_causal_lm(str(path), tok, "cpu")
+
+
+def _queries(tok, task: str, lengths: list[int]) -> list[list[int]]:
+    """Prompts of the given token lengths, cut from the task's text."""
+    out = []
+    for text, n in zip(train_texts(task, 50)[5:], lengths):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) >= n
+        out.append(ids[:n])
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _train_lines(run_dir: Path) -> list[dict]:
+    return [r for r in _read_jsonl(run_dir / "metrics.jsonl") if "objective/reward" in r]
+
+
+def _state(folder: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(str(folder)).state_dict().items()}
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _args(task: str, model: Path, out: Path, **kw) -> ppo.Args:
+    base = dict(task=task, policy_model=str(model), data_dir=str(DATA), output_dir=str(out), iterations=2,
+                rollouts_per_iteration=4, minibatch_size=2, n_epochs=2, eval_samples=4, eval_interval=1,
+                prompt_tokens=48 if task == "tldr" else None, run_name=task, device="cpu")
+    base.update(kw)
+    return ppo.Args(**base)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. GAE
+# ---------------------------------------------------------------------------------------------------
+def test_gae_matches_hand_computed_example():
+    gamma, lam = 0.9, 0.8
+    # row 0 has 3 response tokens, row 1 has 2 (right-padded); the padded slot holds garbage that must
+    # not leak into anything
+    rewards = torch.tensor([[0.1, -0.4, 1.0], [0.3, 2.0, 9.0]])
+    values = torch.tensor([[0.5, -0.2, 0.3], [0.2, 0.7, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv, ret = ppo.compute_gae(rewards, values, mask, gamma, lam)
+
+    # by hand, V = 0 after the last token, delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}
+    # row 0: delta = [0.1 + 0.9*-0.2 - 0.5, -0.4 + 0.9*0.3 + 0.2, 1.0 - 0.3] = [-0.58, 0.07, 0.7]
+    #        A2 = 0.7; A1 = 0.07 + 0.72*0.7 = 0.574; A0 = -0.58 + 0.72*0.574 = -0.16672
+    # row 1: delta = [0.3 + 0.9*0.7 - 0.2, 2.0 - 0.7] = [0.73, 1.3]
+    #        A1 = 1.3; A0 = 0.73 + 0.72*1.3 = 1.666
+    expected_adv = torch.tensor([[-0.16672, 0.574, 0.7], [1.666, 1.3, 0.0]])
+    expected_ret = torch.tensor([[-0.16672 + 0.5, 0.574 - 0.2, 0.7 + 0.3], [1.666 + 0.2, 1.3 + 0.7, 0.0]])
+    torch.testing.assert_close(adv, expected_adv, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ret, expected_ret, atol=1e-6, rtol=0)
+
+    # the same by a plain loop over python floats, on a random batch of ragged rows
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 3, 4]
+    T = max(lengths)
+    r, v = torch.randn(4, T, generator=g), torch.randn(4, T, generator=g)
+    m = torch.tensor([[1.0] * n + [0.0] * (T - n) for n in lengths])
+    adv, ret = ppo.compute_gae(r, v, m, 0.99, 0.95)
+    for i, n in enumerate(lengths):
+        a_next, expected = 0.0, [0.0] * T
+        for t in reversed(range(n)):
+            v_next = float(v[i, t + 1]) if t + 1 < n else 0.0
+            delta = float(r[i, t]) + 0.99 * v_next - float(v[i, t])
+            a_next = delta + 0.99 * 0.95 * a_next
+            expected[t] = a_next
+        torch.testing.assert_close(adv[i], torch.tensor(expected), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ret[i, :n], adv[i, :n] + v[i, :n], atol=1e-6, rtol=0)
+        assert torch.all(ret[i, n:] == 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. whitening
+# ---------------------------------------------------------------------------------------------------
+def test_masked_whiten_uses_valid_tokens_only():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, generator=g) * 3 + 5
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.float)
+    w = ppo.masked_whiten(x, mask)
+    valid = w[mask.bool()]
+    assert abs(float(valid.mean())) < 1e-5
+    assert abs(float(valid.var(unbiased=False)) - 1) < 1e-4
+    assert torch.all(w[~mask.bool()] == 0)
+    # by hand: the statistics of the 12 valid numbers
+    xs = x[mask.bool()]
+    torch.testing.assert_close(valid, (xs - xs.mean()) / xs.std(unbiased=False), atol=1e-5, rtol=0)
+    # garbage in the padded positions changes nothing
+    x2 = x.clone()
+    x2[~mask.bool()] = torch.tensor([1e4, -7.0, 3e3, 0.5, -2e4, 42.0, 1.0, 1e3])
+    torch.testing.assert_close(ppo.masked_whiten(x2, mask), w, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. sampling log-probs == training-forward log-probs
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sample_logprobs_equal_training_forward(tiny_model, temperature):
+    tok, model = _load(tiny_model("tldr", eos_logit=4.6))
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    assert pad != eos
+    lengths = [3, 17, 9, 30, 5, 24, 12, 40, 7, 21]
+    queries = _queries(tok, "tldr", lengths)
+    MIN, MAX = 4, 16
+    torch.manual_seed(0)
+    out = sample(model, queries, max_new_tokens=MAX, min_new_tokens=MIN, eos_id=eos, pad_id=pad,
+                 temperature=temperature)
+
+    n = [len(t) for t in out.tokens]
+    ended = [bool(t) and t[-1] == eos for t in out.tokens]
+    assert sum(ended) >= 2 and min(n) < MAX, f"some rows must end early with EOS: {n}"
+    assert len({k for k, e in zip(n, ended) if e}) >= 2, "EOS at different positions"
+    for t, lp in zip(out.tokens, out.logprobs):
+        assert len(lp) == len(t) and all(math.isfinite(x) and x <= 0 for x in lp)
+        assert eos not in t[:-1], "nothing may follow EOS"
+        assert pad not in t, "pad is never sampled"
+        assert eos not in t[:MIN], "EOS is masked before min_new_tokens"
+        assert len(t) == MAX or t[-1] == eos
+
+    qi, qm = left_pad(queries, pad)
+    ri, rm = right_pad(out.tokens, pad)
+    assert qm[:, 0].sum() < len(queries)  # the batch really is left-padded
+    lp, ent = forward_response(model, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=MIN,
+                               temperature=temperature, with_entropy=True)
+    old = rt.right_pad_float(out.logprobs, ri.shape[1], "cpu")
+    diff = ((lp - old) * rm).abs()
+    assert float(diff.max()) < 1e-5, f"max |logp_sample - logp_forward| = {float(diff.max()):.2e}"
+    assert torch.all(lp[rm == 0] == 0)
+    assert torch.isfinite(ent).all() and torch.all(ent[rm.bool()] > 0)
+    # the EOS log-probs (at different positions) are finite and part of the comparison
+    eos_pos = (ri == eos) & rm.bool()
+    assert eos_pos.sum() >= 2 and torch.isfinite(lp[eos_pos]).all()
+
+    # the forward's EOS mask agrees with sampling: scoring without it changes the log-probs before MIN
+    # (EOS is likely here), so the equality above depends on the mask being the same
+    lp0, _ = forward_response(model, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=0,
+                              temperature=temperature)
+    assert float(((lp0 - old) * rm)[:, :MIN].abs().min()) > 1e-2
+    assert float(((lp0 - old) * rm)[:, MIN:].abs().max()) < 1e-5
+
+
+def test_sample_with_forced_prefix_counts_toward_min_new_tokens(tiny_model):
+    """The "continue from a forced prefix" helper: the prefix counts toward the response length and the
+    EOS mask, and the generated part's log-probs equal the training forward over prefix + continuation."""
+    tok, model = _load(tiny_model("tldr", eos_logit=4.6))
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    queries = _queries(tok, "tldr", [6, 11, 4, 9, 14, 8])
+    prefixes = [[], [40, 41], [50, 51, 52, 53, 54, 55], [60], [], [70, 71, 72]]
+    MIN, MAX = 5, 12
+    torch.manual_seed(1)
+    out = sample(model, queries, prefixes=prefixes, max_new_tokens=MAX, min_new_tokens=MIN, eos_id=eos, pad_id=pad)
+    full = [p + t for p, t in zip(prefixes, out.tokens)]
+    for p, f in zip(prefixes, full):
+        assert len(f) <= MAX
+        assert eos not in f[:MIN]
+        assert len(f) == MAX or f[-1] == eos
+    assert any(f[-1] == eos for f in full)
+    qi, qm = left_pad(queries, pad)
+    ri, rm = right_pad(full, pad)
+    lp, _ = forward_response(model, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=MIN)
+    for i, (p, t) in enumerate(zip(prefixes, out.tokens)):
+        got = lp[i, len(p): len(p) + len(t)]
+        torch.testing.assert_close(got, torch.tensor(out.logprobs[i]), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. ratio == 1 on a minibatch of the first epoch
+# ---------------------------------------------------------------------------------------------------
+def test_ratio_is_one_on_first_minibatch(tiny_model):
+    path = tiny_model("commongen", eos_logit=4.6)
+    tok, policy, ref, critic = rt.build_policy_ref_critic(str(path), torch.device("cpu"))
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    # dropout is off in every model (the tiny config asks for GPT-2's default 0.1)
+    for model in (policy, ref, critic):
+        assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    lengths = [12, 3, 7, 15, 5, 9, 4, 11]
+    queries = _queries(tok, "commongen", lengths)
+    torch.manual_seed(3)
+    out = sample(policy, queries, max_new_tokens=20, min_new_tokens=5, eos_id=eos, pad_id=pad)
+    qi, qm = left_pad(queries, pad)
+    ri, rm = right_pad(out.tokens, pad)
+    old = rt.right_pad_float(out.logprobs, ri.shape[1], "cpu")
+    assert len({len(t) for t in out.tokens}) > 1
+
+    # a minibatch whose rows all carry extra left padding (the full batch's width) in shuffled order
+    short = sorted(range(len(lengths)), key=lambda i: lengths[i])[:4]
+    mb = torch.tensor(short)[torch.randperm(4, generator=torch.Generator().manual_seed(0))]
+    assert qm[mb][:, 0].sum() == 0 and qi.shape[1] == max(lengths)
+    policy.train()  # as in a training step: the ratio must still be 1 (dropout off)
+    new, _ = forward_response(policy, qi[mb], qm[mb], ri[mb], rm[mb], eos_id=eos, pad_id=pad, min_new_tokens=5,
+                              with_entropy=True)
+    ratio = torch.exp((new - old[mb]) * rm[mb])
+    assert float((ratio - 1).abs().max()) < 1e-5
+    # the critic reads one value per response position, and the minibatch padding does not change it
+    v_all = critic(qi, qm, ri, rm)
+    v_mb = critic(qi[mb], qm[mb], ri[mb], rm[mb])
+    assert v_all.shape == ri.shape
+    torch.testing.assert_close(v_mb, v_all[mb], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. KL estimators
+# ---------------------------------------------------------------------------------------------------
+def test_kl_zero_for_identical_models_and_k3_nonnegative(tiny_model):
+    path = tiny_model("commongen", eos_logit=4.6)
+    tok, policy, ref, _ = rt.build_policy_ref_critic(str(path), torch.device("cpu"))
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    queries = _queries(tok, "commongen", [5, 9, 3, 12])
+    torch.manual_seed(0)
+    out = sample(policy, queries, max_new_tokens=12, min_new_tokens=2, eos_id=eos, pad_id=pad)
+    qi, qm = left_pad(queries, pad)
+    ri, rm = right_pad(out.tokens, pad)
+    kw = dict(eos_id=eos, pad_id=pad, min_new_tokens=2)
+    lp, _ = forward_response(policy, qi, qm, ri, rm, **kw)
+    lp_ref, _ = forward_response(ref, qi, qm, ri, rm, **kw)
+    for est in ("k1", "k3"):
+        assert float(ppo.kl_per_token(lp, lp_ref, est).abs().max()) < 1e-6
+    # also against the sampling log-probs (what ppo.py uses): ~0
+    old = rt.right_pad_float(out.logprobs, ri.shape[1], "cpu")
+    assert float((ppo.kl_per_token(old, lp_ref, "k1") * rm).abs().max()) < 1e-5
+
+    # a different reference: k1 is the log-ratio, k3 = (r - 1) - log r >= 0 with r = p_ref / p
+    other = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    lp_other, _ = forward_response(other, qi, qm, ri, rm, **kw)
+    k1 = ppo.kl_per_token(lp, lp_other, "k1")
+    k3 = ppo.kl_per_token(lp, lp_other, "k3")
+    torch.testing.assert_close(k1, lp - lp_other)
+    assert torch.all(k3 >= 0)
+    assert float((k3 * rm).sum()) > 1e-3
+    r = torch.exp(lp_other - lp)
+    torch.testing.assert_close(k3, (r - 1) - torch.log(r), atol=1e-5, rtol=1e-4)
+
+    # both are unbiased: their expectation under p over the whole vocabulary is KL(p || p_ref)
+    with torch.no_grad():
+        ids = torch.cat([qi, ri], 1)
+        mask = torch.cat([qm, rm], 1)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logp = torch.log_softmax(policy(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -3], -1)
+        logq = torch.log_softmax(other(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -3], -1)
+    true_kl = (logp.exp() * (logp - logq)).sum(-1)
+    for est in ("k1", "k3"):
+        expect = (logp.exp() * ppo.kl_per_token(logp, logq, est)).sum(-1)
+        torch.testing.assert_close(expect, true_kl, atol=1e-5, rtol=1e-4)
+    with pytest.raises(UsageError):
+        ppo.kl_per_token(lp, lp_ref, "k2")
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6 (+4 in the real loop). reward on the last real token, EOS trained; ratio 1 inside ppo.main
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def captured(tiny_model, tmp_path_factory):
+    """One ppo.main run on an EOS-happy model with a stub reward (row i of a batch scores 10 + i), recording
+    what the loop hands to sample, kl_per_token, compute_gae and the training forward."""
+    rec = {"sample": [], "kl": [], "gae": [], "train_fwd": [], "scores": []}
+    real_sample, real_kl, real_gae, real_fwd = ppo.sample, ppo.kl_per_token, ppo.compute_gae, ppo.forward_response
+
+    def stub_reward(task, reward_model, train, device, log=print):
+        def fn(prompts, responses, references):
+            s = [10.0 + i for i in range(len(responses))]
+            rec["scores"].append(s)
+            return s
+        return fn
+
+    def rec_sample(model, queries, **kw):
+        out = real_sample(model, queries, **kw)
+        rec["sample"].append((copy.deepcopy(queries), copy.deepcopy(out)))
+        return out
+
+    def rec_kl(lp, ref_lp, est):
+        rec["kl"].append((lp.clone(), ref_lp.clone(), est))
+        return real_kl(lp, ref_lp, est)
+
+    def rec_gae(rewards, values, mask, gamma, lam):
+        rec["gae"].append((rewards.clone(), values.clone(), mask.clone()))
+        return real_gae(rewards, values, mask, gamma, lam)
+
+    def rec_fwd(model, qi, qm, ri, rm, **kw):
+        out = real_fwd(model, qi, qm, ri, rm, **kw)
+        if kw.get("with_entropy"):
+            rec["train_fwd"].append((qi.clone(), ri.clone(), rm.clone(), out[0].detach().clone()))
+        return out
+
+    out_dir = tmp_path_factory.mktemp("captured")
+    args = _args("commongen", tiny_model("commongen", eos_logit=4.6), out_dir, rollouts_per_iteration=8,
+                 minibatch_size=4, n_epochs=1, eval_samples=2, kl_coef=0.5, lr=1e-2, run_name="captured")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ppo.rt, "make_reward", stub_reward)
+        mp.setattr(ppo, "sample", rec_sample)
+        mp.setattr(ppo, "kl_per_token", rec_kl)
+        mp.setattr(ppo, "compute_gae", rec_gae)
+        mp.setattr(ppo, "forward_response", rec_fwd)
+        ppo.main(args)
+    rec["args"] = args
+    return rec
+
+
+@needs_data
+def test_reward_sits_on_last_real_token_and_eos_is_trained(captured, tiny_model):
+    tok = load_tokenizer(str(tiny_model("commongen", eos_logit=4.6)))
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    assert eos != pad
+    coef = captured["args"].kl_coef
+    assert len(captured["sample"]) == len(captured["gae"]) == 2
+    eos_lengths = set()
+    for (queries, out), (rewards, values, mask), (lp, ref_lp, est) in zip(captured["sample"], captured["gae"], captured["kl"]):
+        B, T = rewards.shape
+        lengths = [len(t) for t in out.tokens]
+        assert T == max(lengths)
+        scores = torch.tensor([10.0 + i for i in range(B)])
+        kl = ppo.kl_per_token(lp, ref_lp, est) * mask
+        for i, t in enumerate(out.tokens):
+            L = len(t)
+            # the mask (policy and value mask alike in PPO) covers every response token, EOS included
+            assert mask[i, :L].eq(1).all() and mask[i, L:].eq(0).all()
+            if t[-1] == eos:
+                eos_lengths.add(L)
+                assert torch.isfinite(lp[i, L - 1]) and float(lp[i, L - 1]) < 0  # EOS's log-prob is real
+            # the score sits exactly at the last real token (EOS when sampled), nowhere else
+            torch.testing.assert_close(rewards[i, L - 1], scores[i] - coef * kl[i, L - 1], atol=1e-5, rtol=0)
+            torch.testing.assert_close(rewards[i, : L - 1], -coef * kl[i, : L - 1], atol=1e-6, rtol=0)
+            assert torch.all(rewards[i, L:] == 0) and torch.all(values[i, L:] == 0)
+    assert len(eos_lengths) >= 2, f"rows must end with EOS at different positions, got {eos_lengths}"
+    # the second iteration has a policy != reference: the KL part of the reward is not trivially zero
+    _, _, mask2 = captured["gae"][1]
+    lp2, ref2, _ = captured["kl"][1]
+    assert float(((lp2 - ref2) * mask2).abs().max()) > 1e-4
+
+
+@needs_data
+def test_ratio_is_one_on_first_minibatch_inside_ppo_main(captured, tiny_model):
+    tok = load_tokenizer(str(tiny_model("commongen", eos_logit=4.6)))
+    pad = tok.pad_token_id
+    queries, out = captured["sample"][0]
+    qi, _ = left_pad(queries, pad)
+    ri, rm = right_pad(out.tokens, pad)
+    old = rt.right_pad_float(out.logprobs, ri.shape[1], "cpu")
+    q_mb, r_mb, m_mb, new = captured["train_fwd"][0]  # first minibatch, first epoch, before any step
+    assert q_mb.shape[1] == qi.shape[1] and 0 < len(q_mb) < len(qi)
+    rows = []
+    for j in range(len(q_mb)):
+        match = [i for i in range(len(qi)) if torch.equal(qi[i], q_mb[j]) and torch.equal(ri[i], r_mb[j])]
+        assert match, "the minibatch rows come from the sampled batch"
+        rows.append(match[0])
+    ratio = torch.exp((new - old[rows]) * m_mb)
+    assert float((ratio - 1).abs().max()) < 1e-5
+    # the second minibatch of the same iteration comes after an optimiser step (lr 1e-2): its ratio is not 1,
+    # so the comparison above can fail
+    q2, r2, m2, new2 = captured["train_fwd"][1]
+    rows2 = [next(i for i in range(len(qi)) if torch.equal(qi[i], q2[j]) and torch.equal(ri[i], r2[j]))
+             for j in range(len(q2))]
+    assert not set(rows2) & set(rows)
+    assert float((torch.exp((new2 - old[rows2]) * m2) - 1).abs().max()) > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. end to end, per task
+# ---------------------------------------------------------------------------------------------------
+TRAIN_METRICS = ("objective/reward", "objective/kl", "objective/kl_coef", "objective/rlhf_reward", "objective/entropy",
+                 "loss/policy", "loss/value", "policy/clipfrac", "policy/approx_kl", "policy/ratio",
+                 "value/clipfrac", "value/explained_variance", "train/lr", "train/response_length",
+                 "time/iteration", "time/generate", "time/forward", "time/reward", "time/update",
+                 "time/tokens_per_second")
+
+
+@pytest.fixture(scope="module")
+def e2e(tiny_model, tmp_path_factory):
+    """task -> (result of ppo.main, run folder); each run once per module."""
+    cache = {}
+
+    def run(task):
+        if task not in cache:
+            out = tmp_path_factory.mktemp(f"e2e-{task}")
+            args = _args(task, tiny_model(task), out, lr_schedule="constant", lr=1e-3)
+            cache[task] = (ppo.main(args), out / task, args)
+        return cache[task]
+
+    return run
+
+
+@needs_data
+@pytest.mark.parametrize("task", ["imdb", "commongen", "tldr"])
+def test_end_to_end_two_iterations(e2e, tiny_model, task):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM
+
+    result, run_dir, args = e2e(task)
+    assert result is not None
+    before, after = result
+    assert set(before) == set(after) and {"reward", "kl", "output_perplexity", "response_length"} <= set(before)
+    for m in (before, after):
+        assert all(isinstance(v, float) and math.isfinite(v) for v in m.values()), m
+    assert abs(before["kl"]) < 1e-4  # the first evaluation's policy is the reference
+
+    # metrics.jsonl: one line of train metrics per iteration, with the fixed names, all finite
+    lines = _train_lines(run_dir)
+    assert [r["step"] for r in lines] == [1, 2]
+    for r in lines:
+        missing = set(TRAIN_METRICS) - set(r)
+        assert not missing, f"missing metrics {missing}"
+        bad = {k: v for k, v in r.items() if not math.isfinite(v)}
+        assert not bad, f"non-finite metrics {bad}"
+        assert r["train/response_length"] <= (48 if task == "imdb" else 20 if task == "commongen" else 50)
+        assert r["time/tokens_per_second"] > 0
+        assert r["train/lr"] == args.lr
+    if task == "imdb":  # exactly 48 new tokens
+        assert all(r["train/response_length"] == 48 for r in lines)
+    eval_steps = [r["step"] for r in _read_jsonl(run_dir / "metrics.jsonl") if "eval/reward" in r]
+    assert eval_steps == [0, 1, 2]
+
+    # TensorBoard: event files with the same scalars and the sample tables
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    scalars = set(ea.Tags()["scalars"])
+    assert {"objective/reward", "objective/kl", "loss/policy", "loss/value", "policy/clipfrac",
+            "value/explained_variance", "time/tokens_per_second", "eval/reward"} <= scalars
+    assert [e.step for e in ea.Scalars("objective/reward")] == [1, 2]
+    texts = " ".join(ea.Tags()["tensors"])
+    assert "train/samples" in texts and "eval/samples" in texts
+
+    # the final policy loads on its own and has moved away from the initial weights
+    policy = AutoModelForCausalLM.from_pretrained(str(run_dir / "policy"))
+    assert (run_dir / "policy" / "tokenizer.json").is_file() or (run_dir / "policy" / "tokenizer_config.json").is_file()
+    init = _state(tiny_model(task))
+    final = policy.state_dict()
+    assert set(init) == set(final)
+    assert any(not torch.equal(init[k], final[k]) for k in init)
+    assert (run_dir / "checkpoint.pt").is_file() and (run_dir / "critic.pt").is_file()
+    assert json.loads((run_dir / "args.json").read_text())["task"] == task
+
+
+# ---------------------------------------------------------------------------------------------------
+# 9. determinism
+# ---------------------------------------------------------------------------------------------------
+@needs_data
+def test_same_seed_same_numbers(e2e, tiny_model, tmp_path):
+    _, run_a, args_a = e2e("commongen")
+    args_b = _args("commongen", tiny_model("commongen"), tmp_path, lr_schedule="constant", lr=1e-3)
+    assert args_b == ppo.Args(**{**args_a.__dict__, "output_dir": str(tmp_path)})
+    ppo.main(args_b)
+    run_b = tmp_path / "commongen"
+    a, b = _read_jsonl(run_a / "metrics.jsonl"), _read_jsonl(run_b / "metrics.jsonl")
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if not k.startswith("time/"):
+                assert _same(ra[k], rb[k]), f"step {ra['step']} {k}: {ra[k]} != {rb[k]}"
+    sa, sb = _state(run_a / "policy"), _state(run_b / "policy")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ca, cb = torch.load(run_a / "critic.pt"), torch.load(run_b / "critic.pt")
+    assert all(torch.equal(ca[k], cb[k]) for k in ca)
+
+    # and a different seed gives different numbers (the comparison above can fail)
+    args_c = ppo.Args(**{**args_b.__dict__, "seed": 2, "run_name": "seed2"})
+    ppo.main(args_c)
+    c = _train_lines(tmp_path / "seed2")
+    assert any(not _same(x[k], y[k]) for x, y in zip(_train_lines(run_a), c) for k in ("objective/reward", "loss/policy"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 10. resume
+# ---------------------------------------------------------------------------------------------------
+@needs_data
+def test_resume_continues_at_next_iteration_like_an_uninterrupted_run(e2e, tiny_model, tmp_path):
+    _, run_a, args_a = e2e("commongen")  # 2 iterations, checkpoint every iteration (save_interval = eval_interval 1)
+    assert torch.load(run_a / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_a, resumed)
+    ppo.main(ppo.Args(**{**args_a.__dict__, "iterations": 3, "resume": str(resumed)}))
+    steps = [r["step"] for r in _train_lines(resumed)]
+    assert steps == [1, 2, 3], steps
+    assert torch.load(resumed / "checkpoint.pt", weights_only=False)["iteration"] == 3
+
+    # an uninterrupted 3-iteration run gives the same numbers at iteration 3 and the same final weights
+    straight = tmp_path / "straight"
+    ppo.main(ppo.Args(**{**args_a.__dict__, "iterations": 3, "output_dir": str(straight)}))
+    r3 = _train_lines(resumed)[-1]
+    s3 = _train_lines(straight / "commongen")[-1]
+    for k in r3:
+        if not k.startswith("time/"):
+            assert _same(r3[k], s3[k]), f"{k}: resumed {r3[k]} != uninterrupted {s3[k]}"
+    sr, ss = _state(resumed / "policy"), _state(straight / "commongen" / "policy")
+    assert all(torch.equal(sr[k], ss[k]) for k in sr)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 11. torchrun, 2 processes on the CPU
+# ---------------------------------------------------------------------------------------------------
+def _env(**extra):
+    env = dict(os.environ)
+    env.update(RLGF_DATA_DIR=str(DATA), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+@needs_data
+def test_torchrun_two_processes(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "ppo.py",
+           "--task", "commongen", "--policy-model", str(tiny_model("commongen")), "--device", "cpu",
+           "--iterations", "2", "--rollouts-per-iteration", "4", "--minibatch-size", "2", "--n-epochs", "1",
+           "--eval-samples", "2", "--eval-interval", "1", "--output-dir", str(tmp_path), "--run-name", "ddp"]
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run_dir = tmp_path / "ddp"
+    AutoModelForCausalLM.from_pretrained(str(run_dir / "policy"))
+    lines = _train_lines(run_dir)
+    assert [r["step"] for r in lines] == [1, 2]  # rank 0 alone writes
+    assert all(math.isfinite(v) for r in lines for v in r.values())
+    init, final = _state(tiny_model("commongen")), _state(run_dir / "policy")
+    assert any(not torch.equal(init[k], final[k]) for k in init)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 12. one-line errors
+# ---------------------------------------------------------------------------------------------------
+def _cli(*argv, **env):
+    return subprocess.run([sys.executable, "ppo.py", *argv], cwd=REPO, env=_env(**env), capture_output=True,
+                          text=True, timeout=120)
+
+
+def _assert_one_line_error(p, *words):
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-2000:]
+    for w in words:
+        assert w in lines[0]
+
+
+def test_cli_unknown_task_is_one_line():
+    _assert_one_line_error(_cli("--task", "nope"), "nope", "imdb")
+
+
+def test_cli_missing_data_is_one_line(tmp_path):
+    (tmp_path / "imdb").mkdir()
+    _assert_one_line_error(_cli("--task", "imdb", "--data-dir", str(tmp_path)), "train.jsonl")
+
+
+def _usage_error(args: ppo.Args, match: str):
+    with pytest.raises(UsageError, match=match):
+        ppo.main.__wrapped__(args)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(rollouts_per_iteration=6, minibatch_size=4), "multiple of --minibatch-size"),
+    (dict(rollouts_per_iteration=8, minibatch_size=4, micro_batch_size=3), "--micro-batch-size 3"),
+    (dict(min_new_tokens=30, max_new_tokens=20), "exceeds"),
+    (dict(lr_schedule="cosine"), "lr-schedule"),
+])
+def test_bad_settings_raise_usage_error(tmp_path, kw, match):
+    _usage_error(ppo.Args(task="commongen", data_dir=str(tmp_path), output_dir=str(tmp_path / "runs"), **kw), match)
+
+
+def test_batch_sizes_must_divide_over_processes():
+    rt.check_batch_sizes(8, 4, 2, 2)
+    with pytest.raises(UsageError, match="number of processes"):
+        rt.check_batch_sizes(9, 3, 1, 2)
+    with pytest.raises(UsageError, match="must divide"):
+        rt.check_batch_sizes(8, 4, 4, 2)
+
+
+def test_unknown_task_and_missing_data_in_process(tmp_path):
+    _usage_error(ppo.Args(task="nope"), "unknown task")
+    _usage_error(ppo.Args(task="tldr", data_dir=str(tmp_path / "absent")), "does not exist")
+    _usage_error(ppo.Args(task="tldr", data_dir=str(tmp_path), output_dir=str(tmp_path / "runs"), iterations=1,
+                          rollouts_per_iteration=2, minibatch_size=2), "missing data file")
+    # and through the wrapper: exit status 2, one line on stderr
+    with pytest.raises(SystemExit) as e:
+        ppo.main(ppo.Args(task="nope"))
+    assert e.value.code == 2
+
+
+@needs_data
+def test_model_path_that_does_not_exist(tmp_path):
+    small = dict(data_dir=str(DATA), output_dir=str(tmp_path / "runs"), iterations=1, rollouts_per_iteration=2,
+                 minibatch_size=2, eval_samples=2)
+    _usage_error(ppo.Args(task="tldr", policy_model=str(tmp_path / "no" / "such" / "model"), **small), "does not exist")
+    _usage_error(ppo.Args(task="tldr", policy_model="./no-such-model", **small), "does not exist")
+
+
+@needs_data
+def test_model_folder_without_a_model_is_one_line(tmp_path):
+    """A folder that exists but holds no saved model/tokenizer (a typo'd run folder, say)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = _cli("--task", "tldr", "--policy-model", str(empty), "--iterations", "1", "--rollouts-per-iteration", "2",
+             "--minibatch-size", "2", "--eval-samples", "2", "--output-dir", str(tmp_path / "runs"))
+    _assert_one_line_error(p, str(empty))
+
+
+@needs_data
+def test_bad_kl_estimator_fails_before_any_work(tiny_model, tmp_path):
+    """A typo in --kl-estimator must be caught with the other settings, before models are loaded and a run
+    folder is written (not after the initial evaluation, in the first iteration)."""
+    args = _args("commongen", tiny_model("commongen"), tmp_path / "runs", kl_estimator="k2")
+    _usage_error(args, "kl-estimator")
+    assert not (tmp_path / "runs").exists()
