@@ -423,7 +423,7 @@ def main(args: Args):
     if rank == 0:
         final = last_eval if last_eval is not None else run_eval(args.iterations)
         rt.save_final(policy, critic, tok, run_dir)
-        rt.print_before_after(first_eval, final)
+        rt.report(first_eval, final, run_dir)
         print(f"policy saved to {run_dir / 'policy'}")
         logger.close()
         return first_eval, final

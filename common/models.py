@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UsageError
-from common.tasks import Task, encode_prompt
+from common.tasks import Task, encode_prompt, hub_offline_if_unreachable
 
 CACHE_ENV = "RLGF_CACHE_DIR"
 PAD, EOS = "<|pad|>", "<|endoftext|>"
@@ -50,6 +50,7 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     check_model_path(name, "tokenizer/model")
+    hub_offline_if_unreachable()
     try:
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
     except OSError as e:

@@ -270,11 +270,13 @@ class RunLogger:
             self.jsonl.close()
 
 
-def print_before_after(before: dict, after: dict, file=sys.stdout):
+def report(before: dict, after: dict, run_dir: Path, file=sys.stdout):
+    """Print the before/after table of validation reward and metrics; keep it as eval.json."""
     keys = [k for k in before if k in after]
-    print(f"\n{'metric':<24}{'before':>12}{'after':>12}", file=file)
+    print(f"\n{'validation':<24}{'before':>12}{'after':>12}", file=file)
     for k in keys:
         print(f"{k:<24}{before[k]:>12.4f}{after[k]:>12.4f}", file=file)
+    (run_dir / "eval.json").write_text(json.dumps({"initial": before, "final": after}, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -100,6 +100,27 @@ def resolve_data_dir(data_dir: str | None) -> str | None:
     return data_dir
 
 
+def hub_offline_if_unreachable(host: str = "huggingface.co") -> None:
+    """Without a network, go straight to the local Hugging Face cache (HF_HUB_OFFLINE=1) instead of
+    retrying for half a minute: a cached dataset or model still loads, anything else fails at once."""
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("_RLGF_HUB_CHECKED"):
+        return
+    os.environ["_RLGF_HUB_CHECKED"] = "1"
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        try:
+            import huggingface_hub.constants as c
+
+            c.HF_HUB_OFFLINE = True
+        except Exception:
+            pass
+
+
 # ---------------------------------------------------------------------------------------------------
 # raw rows: hub or local JSONL, same schema
 # ---------------------------------------------------------------------------------------------------
@@ -116,6 +137,7 @@ def _raw_rows(task: Task, split: str, data_dir: str | None) -> list[dict]:
             raise UsageError(f"missing data file {path}: the data folder must hold "
                              f"{task.local_dir}/{filename} (laid out like ../shared/data)")
         return _read_jsonl(path)
+    hub_offline_if_unreachable()
     try:
         import datasets
 
