@@ -34,6 +34,13 @@ def _load(path):
     return tok, load_causal_lm(str(path), tok, "cpu")
 
 
+def _policy_ref_critic(path):
+    """What ppo.py builds (rt.build_policy_ref_critic): policy, its frozen deep copy, a critic."""
+    tok, policy = _load(path)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    return tok, policy, ref, rt.make_critic(str(path), tok, "cpu")
+
+
 def _queries(tok, task: str, lengths: list[int]) -> list[list[int]]:
     """Prompts of the given token lengths, cut from the task's text."""
     out = []
@@ -161,8 +168,9 @@ def test_sample_logprobs_equal_training_forward(tiny_model, temperature):
     qi, qm = left_pad(queries, pad)
     ri, rm = right_pad(out.tokens, pad)
     assert qm[:, 0].sum() < len(queries)  # the batch really is left-padded
-    lp, ent = forward_response(model, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=MIN,
-                               temperature=temperature, with_entropy=True)
+    with torch.no_grad():
+        lp, ent = forward_response(model, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=MIN,
+                                   temperature=temperature, with_entropy=True)
     old = rt.right_pad_float(out.logprobs, ri.shape[1], "cpu")
     diff = ((lp - old) * rm).abs()
     assert float(diff.max()) < 1e-5, f"max |logp_sample - logp_forward| = {float(diff.max()):.2e}"
@@ -174,8 +182,9 @@ def test_sample_logprobs_equal_training_forward(tiny_model, temperature):
 
     # the forward's EOS mask agrees with sampling: scoring without it changes the log-probs before MIN
     # (EOS is likely here), so the equality above depends on the mask being the same
-    lp0, _ = forward_response(model, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=0,
-                              temperature=temperature)
+    with torch.no_grad():
+        lp0, _ = forward_response(model, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=0,
+                                  temperature=temperature)
     assert float(((lp0 - old) * rm)[:, :MIN].abs().min()) > 1e-2
     assert float(((lp0 - old) * rm)[:, MIN:].abs().max()) < 1e-5
 
@@ -209,7 +218,7 @@ def test_sample_with_forced_prefix_counts_toward_min_new_tokens(tiny_model):
 # ---------------------------------------------------------------------------------------------------
 def test_ratio_is_one_on_first_minibatch(tiny_model):
     path = tiny_model("commongen", eos_logit=4.6)
-    tok, policy, ref, critic = rt.build_policy_ref_critic(str(path), torch.device("cpu"))
+    tok, policy, ref, critic = _policy_ref_critic(path)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     # dropout is off in every model (the tiny config asks for GPT-2's default 0.1)
     for model in (policy, ref, critic):
@@ -230,11 +239,13 @@ def test_ratio_is_one_on_first_minibatch(tiny_model):
     policy.train()  # as in a training step: the ratio must still be 1 (dropout off)
     new, _ = forward_response(policy, qi[mb], qm[mb], ri[mb], rm[mb], eos_id=eos, pad_id=pad, min_new_tokens=5,
                               with_entropy=True)
-    ratio = torch.exp((new - old[mb]) * rm[mb])
+    assert new.requires_grad
+    ratio = torch.exp((new - old[mb]) * rm[mb]).detach()
     assert float((ratio - 1).abs().max()) < 1e-5
     # the critic reads one value per response position, and the minibatch padding does not change it
-    v_all = critic(qi, qm, ri, rm)
-    v_mb = critic(qi[mb], qm[mb], ri[mb], rm[mb])
+    with torch.no_grad():
+        v_all = critic(qi, qm, ri, rm)
+        v_mb = critic(qi[mb], qm[mb], ri[mb], rm[mb])
     assert v_all.shape == ri.shape
     torch.testing.assert_close(v_mb, v_all[mb], atol=1e-5, rtol=0)
 
@@ -242,9 +253,10 @@ def test_ratio_is_one_on_first_minibatch(tiny_model):
 # ---------------------------------------------------------------------------------------------------
 # 5. KL estimators
 # ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
 def test_kl_zero_for_identical_models_and_k3_nonnegative(tiny_model):
     path = tiny_model("commongen", eos_logit=4.6)
-    tok, policy, ref, _ = rt.build_policy_ref_critic(str(path), torch.device("cpu"))
+    tok, policy, ref, _ = _policy_ref_critic(path)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     queries = _queries(tok, "commongen", [5, 9, 3, 12])
     torch.manual_seed(0)
@@ -472,6 +484,7 @@ def test_end_to_end_two_iterations(e2e, tiny_model, task):
     assert any(not torch.equal(init[k], final[k]) for k in init)
     assert (run_dir / "checkpoint.pt").is_file() and (run_dir / "critic.pt").is_file()
     assert json.loads((run_dir / "args.json").read_text())["task"] == task
+    assert json.loads((run_dir / "eval.json").read_text()) == {"initial": before, "final": after}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -543,7 +556,7 @@ def test_torchrun_two_processes(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "ppo.py",
-           "--task", "commongen", "--policy-model", str(tiny_model("commongen")), "--device", "cpu",
+           "--task", "tldr", "--policy-model", str(tiny_model("tldr")), "--device", "cpu", "--prompt-tokens", "48",
            "--iterations", "2", "--rollouts-per-iteration", "4", "--minibatch-size", "2", "--n-epochs", "1",
            "--eval-samples", "2", "--eval-interval", "1", "--output-dir", str(tmp_path), "--run-name", "ddp"]
     p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
@@ -553,7 +566,7 @@ def test_torchrun_two_processes(tiny_model, tmp_path):
     lines = _train_lines(run_dir)
     assert [r["step"] for r in lines] == [1, 2]  # rank 0 alone writes
     assert all(math.isfinite(v) for r in lines for v in r.values())
-    init, final = _state(tiny_model("commongen")), _state(run_dir / "policy")
+    init, final = _state(tiny_model("tldr")), _state(run_dir / "policy")
     assert any(not torch.equal(init[k], final[k]) for k in init)
 
 
