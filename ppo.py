@@ -211,7 +211,7 @@ def main(args: Args):
     run_dir = Path(args.resume) if args.resume else rt.run_dir_for(args.output_dir, ALGO, task.name, args.seed, args.run_name)
     start = 1
     if args.resume:
-        ck = rt.load_checkpoint(run_dir / "checkpoint.pt")
+        ck = rt.load_checkpoint(run_dir, args)
         policy.load_state_dict(ck["policy"]), critic.load_state_dict(ck["critic"])
         optimizer.load_state_dict(ck["optimizer"]), sampler.load_state_dict(ck["sampler"])
         kl_ctl.value, start = ck["kl_coef"], ck["iteration"] + 1

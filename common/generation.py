@@ -143,8 +143,9 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
     logprobs = torch.where(response_mask.bool(), logprobs, torch.zeros_like(logprobs))
     if not with_entropy:
         return logprobs, None
-    p = logp_all.exp()
-    entropy = -(p * logp_all.masked_fill(p == 0, 0)).sum(-1)
+    with torch.no_grad():  # logged, not trained: keep it out of the graph
+        p = logp_all.exp()
+        entropy = -(p * logp_all.masked_fill(p == 0, 0)).sum(-1)
     return logprobs, entropy
 
 

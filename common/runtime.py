@@ -288,9 +288,22 @@ def save_checkpoint(path: Path, state: dict):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict:
+RESUME_MUST_MATCH = ("task", "seed", "policy_model", "guide", "guide_model", "reward_model", "beta", "tau", "p_ppo_pp")
+
+
+def load_checkpoint(run_dir: Path, args) -> dict:
+    """The last checkpoint of `run_dir`, after checking that the run is being continued with the same task,
+    seed and models (other settings, e.g. --iterations, may change)."""
+    path = run_dir / "checkpoint.pt"
     if not path.is_file():
         raise UsageError(f"no checkpoint at {path}: --resume takes a run folder written by an earlier run")
+    if (run_dir / "args.json").is_file():
+        old = json.loads((run_dir / "args.json").read_text())
+        new = json.loads(json.dumps(asdict(args), default=str))
+        for k in RESUME_MUST_MATCH:
+            if k in old and k in new and old[k] != new[k]:
+                raise UsageError(f"--resume {run_dir}: --{k.replace('_', '-')} was {old[k]!r} in that run, not "
+                                 f"{new[k]!r}; pass the run's own arguments (see {run_dir / 'args.json'})")
     return torch.load(path, map_location="cpu", weights_only=False)
 
 

@@ -1,0 +1,80 @@
+"""Tiny offline models for the guided-algorithm tests (tests/test_guided.py).
+
+A byte-level BPE tokenizer (EOS = BOS = <|endoftext|>, pad = <|pad|>) trained on a few hundred rows of
+the task's local train data, and a randomly initialised 2-layer GPT-2, saved with save_pretrained.
+Nothing is downloaded. `favour_token` turns a model into a recognisable guide that (nearly) always
+emits one given token.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TASK_DIRS = {"imdb": "imdb", "commongen": "common_gen", "tldr": "openai_summarize_tldr"}
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+_TEXT = {
+    "imdb": ("imdb/train.jsonl", lambda r: r["text"]),
+    "commongen": ("common_gen/train.jsonl", lambda r: " ".join(r["concepts"]) + ". " + r["target"]),
+    "tldr": ("openai_summarize_tldr/train.jsonl", lambda r: r["prompt"] + " " + r["label"]),
+}
+
+
+def has_data(task: str) -> bool:
+    return (DATA / _TEXT[task][0]).is_file()
+
+
+def train_texts(task: str, n: int = 300) -> list[str]:
+    rel, text_of = _TEXT[task]
+    out = []
+    with open(DATA / rel, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                out.append(text_of(json.loads(line)))
+            if len(out) >= n:
+                break
+    return out
+
+
+def build_tiny(task: str, out: Path, *, vocab_size: int = 400, seed: int = 0, favour: str | None = None,
+               favour_logit: float = 14.0) -> Path:
+    """Tokenizer + random GPT2LMHeadModel(n_layer=2, n_embd=32, n_head=2, n_positions=384) in `out`.
+    With `favour` (a string the tokenizer encodes as one token), that token gets probability > 0.99
+    at every step (so top-p 0.92 sampling always picks it)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from common.models import EmbeddedConfig, _train_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _train_tokenizer(train_texts(task), EmbeddedConfig(vocab_size=vocab_size), out)
+    assert tok.pad_token_id != tok.eos_token_id
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tok), n_positions=384, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
+    model = GPT2LMHeadModel(config)
+    if favour is not None:
+        ids = tok(favour, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, (favour, ids)
+        favour_token(model, ids[0], favour_logit)
+    model.save_pretrained(out)
+    return out
+
+
+def favour_token(model, token_id: int, logit: float):
+    """The final LayerNorm's bias points along the token's (tied) output embedding: that token's logit
+    is about `logit` above every other one, whatever the input."""
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        u = torch.randn(wte.shape[1], generator=torch.Generator().manual_seed(11))
+        u = u / u.norm()
+        wte[token_id] = u
+        model.transformer.ln_f.bias.copy_(logit * u)
