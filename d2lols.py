@@ -195,6 +195,8 @@ class AdaptiveKL:
 
 
 def check_args(args: Args, world: int):
+    if args.kl_estimator not in ("k1", "k3"):
+        raise UsageError(f"--kl-estimator must be k1 or k3, not {args.kl_estimator!r}")
     if args.lr_schedule not in ("linear", "constant"):
         raise UsageError(f"--lr-schedule must be linear or constant, not {args.lr_schedule!r}")
     if args.min_new_tokens > args.max_new_tokens:
@@ -228,8 +230,8 @@ def main(args: Args):
                                                 need_guide=args.guide == "model")
     guide = rt.build_guide(args.guide, task, guide_path, None, device, top_p=args.guide_top_p, top_k=args.guide_top_k,
                            temperature=args.guide_temperature, min_new_tokens=args.min_new_tokens)
-    rt.seed_everything(args.seed)
-    mix_rng = random.Random(args.seed)  # mixing coins and switch points: their own stream
+    rt.seed_everything(args.seed + rank)  # each process samples its own rollouts
+    mix_rng = random.Random(args.seed + rank)  # mixing coins and switch points: their own stream
     tok, policy, ref, critic = rt.build_policy_ref_critic(policy_path, device, args.prompt_tokens + args.max_new_tokens)
     guide_critic = rt.make_critic(policy_path, tok, device)  # V_psi: the guide's value, AggreVaTeD iterations
     reward_fn = rt.make_reward(task, args.reward_model, train, device, log)
@@ -251,7 +253,7 @@ def main(args: Args):
     policy_t = DDP(policy) if world > 1 else policy
     critics = {"ppo++": critic, "aggrevated": guide_critic}
     critics_t = {k: DDP(c) if world > 1 else c for k, c in critics.items()}
-    logger = rt.RunLogger(run_dir, args, enabled=rank == 0, purge_step=start if args.resume else None)
+    logger = rt.RunLogger(run_dir, args, enabled=rank == 0, resume_from=start if args.resume else None)
     log(f"{ALGO} on {task.name}: guide {getattr(guide, 'name', args.guide)}, beta {args.beta}; policy {policy_path}, {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M "
         f"params, {world} process(es) on {device}; run folder {run_dir}")
 
@@ -266,10 +268,10 @@ def main(args: Args):
             rt.save_checkpoint(run_dir / "checkpoint.pt", {
                 "policy": policy.state_dict(), "critic": critics["ppo++"].state_dict(),
                 "guide_critic": critics["aggrevated"].state_dict(), "optimizer": optimizer.state_dict(),
-                "sampler": sampler.state_dict(), "kl_coef": kl_ctl.value, "iteration": it, "rng": rt.rng_state(),
+                "sampler": sampler.state_dict(), "kl_coef": kl_ctl.value, "iteration": it, "rng": rt.rng_state(), "first_eval": first_eval,
                 "mix_rng": mix_rng.getstate()})
 
-    first_eval = run_eval(start - 1) if rank == 0 else None
+    first_eval = (ck["first_eval"] if args.resume else run_eval(start - 1)) if rank == 0 else None
     local = args.rollouts_per_iteration // world
     mb_local = args.minibatch_size // world
     progress = rt.progress_bar(range(start, args.iterations + 1), enabled=rank == 0)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,11 +94,17 @@ def sample(model, queries: list[list[int]], *, max_new_tokens: int, min_new_toke
         return Sampled([[] for _ in queries], [[] for _ in queries])
     prefix_lens = torch.tensor([len(p) for p in prefixes], device=ids.device)
     processors = LogitsProcessorList([_MaskEosAndPad(ids.shape[1], prefix_lens, min_new_tokens, eos_id, pad_id)])
-    out = model.generate(
-        input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=steps, min_new_tokens=0,
-        temperature=temperature, top_k=top_k, top_p=top_p, logits_processor=processors,
-        pad_token_id=pad_id, eos_token_id=eos_id, output_scores=True, return_dict_in_generate=True,
-    )
+    # a fresh config: nothing from the model folder's generation_config.json (repetition penalties, bad
+    # words, ...) may change the distribution we sample from behind the loss's back
+    config = GenerationConfig(do_sample=True, max_new_tokens=steps, min_new_tokens=0, temperature=temperature,
+                              top_k=top_k, top_p=top_p, pad_token_id=pad_id, eos_token_id=eos_id,
+                              bos_token_id=getattr(model.config, "bos_token_id", None),
+                              output_scores=True, return_dict_in_generate=True)
+    saved, model.generation_config = model.generation_config, GenerationConfig()  # generate merges the model's
+    try:                                                                           # defaults into ours otherwise
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors)
+    finally:
+        model.generation_config = saved
     new = out.sequences[:, ids.shape[1]:]
     scores = torch.stack(out.scores, dim=1)  # [B, steps, V] after temperature / masks / top-k / top-p
     lp = torch.log_softmax(scores.float(), dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)

@@ -234,14 +234,20 @@ def _md_escape(s: str, n: int = 400) -> str:
 class RunLogger:
     """TensorBoard scalars and sample tables, plus metrics.jsonl, under the run folder (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, args, enabled: bool = True, purge_step: int | None = None):
+    def __init__(self, run_dir: Path, args, enabled: bool = True, resume_from: int | None = None):
+        """`resume_from`: the first iteration of a resumed run; whatever an earlier run logged from there on
+        (iterations redone after the last checkpoint) is dropped, in TensorBoard and in metrics.jsonl."""
         self.enabled, self.run_dir = enabled, run_dir
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(run_dir), purge_step=purge_step)
+        self.writer = SummaryWriter(str(run_dir), purge_step=resume_from)
+        jsonl = run_dir / "metrics.jsonl"
+        if resume_from is not None and jsonl.exists():
+            keep = [l for l in jsonl.read_text().splitlines() if l.strip() and json.loads(l)["step"] < resume_from]
+            jsonl.write_text("".join(l + "\n" for l in keep))
         cfg = {k: v for k, v in asdict(args).items()}
         (run_dir / "args.json").write_text(json.dumps(cfg, indent=1, default=str))
         self.writer.add_text("args", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in cfg.items()))

@@ -20,6 +20,10 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HAS_DATA = all((DATA / d).is_dir() for d in ("imdb", "common_gen", "openai_summarize_tldr"))
 needs_data = pytest.mark.skipif(not HAS_DATA, reason=f"local data folder {DATA} is absent")
 
+# tiny models on a shared 2-core machine: one intra-op thread is several times faster than two (no
+# spin-waiting when other processes compete for the cores); subprocesses get OMP_NUM_THREADS=1
+torch.set_num_threads(1)
+
 if str(REPO) not in sys.path:  # `import ppo` and `import common` from the repository root
     sys.path.insert(0, str(REPO))
 
@@ -29,6 +33,7 @@ _TRAIN_TEXT = {
     "commongen": ("common_gen/train.jsonl", lambda r: " ".join(r["concepts"]) + ". " + r["target"]),
     "tldr": ("openai_summarize_tldr/train.jsonl", lambda r: r["prompt"] + " " + r["label"]),
 }
+EOS, PAD = "<|endoftext|>", "<|pad|>"
 _WORDS = ("the a movie film was is great good awful bad plot actor story dog cat ran sat on mat park threw "
           "ball generate sentence with SUBREDDIT TITLE POST TL;DR r/relationships my boyfriend and i").split()
 
@@ -74,14 +79,28 @@ def boost_eos(model, eos_id: int, logit: float = 4.0):
         model.transformer.ln_f.bias.copy_(logit * u)
 
 
+def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
+    """Byte-level BPE as the project builds it (common/models.py): EOS = BOS = <|endoftext|>, pad = <|pad|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+    fast.save_pretrained(out)
+    return fast
+
+
 def build_tiny_model(task: str, out: Path, vocab_size: int = 400, eos_logit: float | None = None, seed: int = 0) -> Path:
-    """Byte-level BPE tokenizer (EOS = BOS = <|endoftext|>, pad = <|pad|>) + a random 2-layer GPT-2."""
+    """Byte-level BPE tokenizer (vocab ~400) + a random 2-layer GPT-2 (n_embd 32), saved with save_pretrained."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from common.models import EmbeddedConfig, _train_tokenizer
-
     out.mkdir(parents=True, exist_ok=True)
-    tok = _train_tokenizer(train_texts(task), EmbeddedConfig(vocab_size=vocab_size), out)
+    tok = train_tokenizer(train_texts(task), vocab_size, out)
     assert tok.pad_token_id != tok.eos_token_id
     torch.manual_seed(seed)
     # default GPT-2 dropout (0.1) on purpose: the project must switch it off (SPEC 4.2)

@@ -42,12 +42,13 @@ def _policy_ref_critic(path):
 
 
 def _queries(tok, task: str, lengths: list[int]) -> list[list[int]]:
-    """Prompts of the given token lengths, cut from the task's text."""
-    out = []
-    for text, n in zip(train_texts(task, 50)[5:], lengths):
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        assert len(ids) >= n
-        out.append(ids[:n])
+    """Prompts of the given token lengths, cut from consecutive stretches of the task's text."""
+    stream = tok(" ".join(train_texts(task, 60)), add_special_tokens=False)["input_ids"]
+    out, pos = [], 0
+    for n in lengths:
+        assert pos + n <= len(stream)
+        out.append(stream[pos: pos + n])
+        pos += n
     return out
 
 
@@ -211,6 +212,31 @@ def test_sample_with_forced_prefix_counts_toward_min_new_tokens(tiny_model):
     for i, (p, t) in enumerate(zip(prefixes, out.tokens)):
         got = lp[i, len(p): len(p) + len(t)]
         torch.testing.assert_close(got, torch.tensor(out.logprobs[i]), atol=1e-5, rtol=0)
+
+
+def test_sample_ignores_the_model_folders_generation_config(tiny_model, tmp_path):
+    """SPEC 4.3: the learner samples from the distribution the loss scores. A model folder may carry a
+    generation_config.json with logits processors (hub models do: repetition_penalty, no_repeat_ngram_size,
+    bad_words_ids, min_length ...); `sample` must not apply them, or ratio != 1 and sampling is biased."""
+    from transformers import GenerationConfig
+
+    folder = tmp_path / "with-generation-config"
+    shutil.copytree(tiny_model("tldr"), folder)
+    tok = load_tokenizer(str(folder))
+    GenerationConfig(repetition_penalty=2.0, no_repeat_ngram_size=1, bos_token_id=tok.eos_token_id,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(folder)
+    model = load_causal_lm(str(folder), tok, "cpu")
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    queries = _queries(tok, "tldr", [30, 12, 25, 40])
+    torch.manual_seed(0)
+    out = sample(model, queries, max_new_tokens=16, min_new_tokens=0, eos_id=eos, pad_id=pad)
+    qi, qm = left_pad(queries, pad)
+    ri, rm = right_pad(out.tokens, pad)
+    with torch.no_grad():
+        lp, _ = forward_response(model, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=0)
+    old = rt.right_pad_float(out.logprobs, ri.shape[1], "cpu")
+    diff = float(((lp - old) * rm).abs().max())
+    assert diff < 1e-5, f"sampling applied the folder's generation_config: max |logp diff| = {diff:.3g}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -427,7 +453,8 @@ def e2e(tiny_model, tmp_path_factory):
     def run(task):
         if task not in cache:
             out = tmp_path_factory.mktemp(f"e2e-{task}")
-            args = _args(task, tiny_model(task), out, lr_schedule="constant", lr=1e-3)
+            # a KL coefficient > 0 gives a learning signal even when every task reward is 0
+            args = _args(task, tiny_model(task), out, lr_schedule="constant", lr=1e-3, kl_coef=0.01)
             cache[task] = (ppo.main(args), out / task, args)
         return cache[task]
 
@@ -461,8 +488,15 @@ def test_end_to_end_two_iterations(e2e, tiny_model, task):
         assert r["train/lr"] == args.lr
     if task == "imdb":  # exactly 48 new tokens
         assert all(r["train/response_length"] == 48 for r in lines)
-    eval_steps = [r["step"] for r in _read_jsonl(run_dir / "metrics.jsonl") if "eval/reward" in r]
-    assert eval_steps == [0, 1, 2]
+    eval_lines = [r for r in _read_jsonl(run_dir / "metrics.jsonl") if "eval/reward" in r]
+    assert [r["step"] for r in eval_lines] == [0, 1, 2]
+    eval_keys = {"eval/reward", "eval/kl", "eval/output_perplexity", "eval/response_length"} | {
+        "imdb": {"eval/sentiment", "eval/reference_perplexity"},
+        "commongen": {"eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/bleu", "eval/cider", "eval/coverage"},
+        "tldr": {"eval/rouge1", "eval/rouge2", "eval/rougeL"}}[task]
+    for r in eval_lines:
+        assert eval_keys <= set(r), eval_keys - set(r)
+    assert eval_lines[0]["eval/reward"] == before["reward"] and eval_lines[-1]["eval/reward"] == after["reward"]
 
     # TensorBoard: event files with the same scalars and the sample tables
     assert list(run_dir.glob("events.out.tfevents.*"))
@@ -493,7 +527,7 @@ def test_end_to_end_two_iterations(e2e, tiny_model, task):
 @needs_data
 def test_same_seed_same_numbers(e2e, tiny_model, tmp_path):
     _, run_a, args_a = e2e("commongen")
-    args_b = _args("commongen", tiny_model("commongen"), tmp_path, lr_schedule="constant", lr=1e-3)
+    args_b = _args("commongen", tiny_model("commongen"), tmp_path, lr_schedule="constant", lr=1e-3, kl_coef=0.01)
     assert args_b == ppo.Args(**{**args_a.__dict__, "output_dir": str(tmp_path)})
     ppo.main(args_b)
     run_b = tmp_path / "commongen"
@@ -510,10 +544,10 @@ def test_same_seed_same_numbers(e2e, tiny_model, tmp_path):
     assert all(torch.equal(ca[k], cb[k]) for k in ca)
 
     # and a different seed gives different numbers (the comparison above can fail)
-    args_c = ppo.Args(**{**args_b.__dict__, "seed": 2, "run_name": "seed2"})
+    args_c = ppo.Args(**{**args_b.__dict__, "seed": 2, "run_name": "seed2", "iterations": 1, "eval_samples": 2})
     ppo.main(args_c)
-    c = _train_lines(tmp_path / "seed2")
-    assert any(not _same(x[k], y[k]) for x, y in zip(_train_lines(run_a), c) for k in ("objective/reward", "loss/policy"))
+    c = _train_lines(tmp_path / "seed2")[0]
+    assert any(not _same(_train_lines(run_a)[0][k], c[k]) for k in ("objective/reward", "objective/kl", "loss/policy"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -540,6 +574,39 @@ def test_resume_continues_at_next_iteration_like_an_uninterrupted_run(e2e, tiny_
             assert _same(r3[k], s3[k]), f"{k}: resumed {r3[k]} != uninterrupted {s3[k]}"
     sr, ss = _state(resumed / "policy"), _state(straight / "commongen" / "policy")
     assert all(torch.equal(sr[k], ss[k]) for k in sr)
+
+
+@needs_data
+def test_resume_after_interrupt_keeps_one_metrics_line_per_step(tiny_model, tmp_path):
+    """Ctrl-C in iteration 4 with the last checkpoint at iteration 2, then --resume: the run redoes iteration
+    3. TensorBoard drops the old events (purge_step); metrics.jsonl must not hold iteration 3 (or the eval of
+    step 2) twice either."""
+    args = _args("commongen", tiny_model("commongen"), tmp_path, iterations=4, eval_interval=2, save_interval=2,
+                 n_epochs=1, kl_coef=0.01, lr=1e-3, run_name="interrupted")
+    calls = {"n": 0}
+    real_sample = ppo.sample
+
+    def interrupting_sample(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_sample(*a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ppo, "sample", interrupting_sample)
+        with pytest.raises(SystemExit) as e:
+            ppo.main(args)
+    assert e.value.code == 130
+    run_dir = tmp_path / "interrupted"
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    assert [r["step"] for r in _train_lines(run_dir)] == [1, 2, 3]
+
+    ppo.main(ppo.Args(**{**args.__dict__, "resume": str(run_dir)}))
+    lines = _read_jsonl(run_dir / "metrics.jsonl")
+    train_steps = [r["step"] for r in lines if "objective/reward" in r]
+    eval_steps = [r["step"] for r in lines if "eval/reward" in r]
+    assert train_steps == [1, 2, 3, 4], f"train steps in metrics.jsonl after resume: {train_steps}"
+    assert eval_steps == [0, 2, 4], f"eval steps in metrics.jsonl after resume: {eval_steps}"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,195 @@
+"""Where each iteration's time goes, and how far it is from the compute floor.
+
+For every algorithm and task (embedded default models, each task's default settings) this runs a few
+iterations of the real script and reads its per-phase timings, then, in the same process and with the same
+models and batch shapes, measures the compute floor of the same work:
+
+- the bare `generate` calls that produce the same number of tokens (the guide's too, for guided algorithms),
+- one no-grad forward of the reference model over the batch,
+- the reward computation alone,
+- n_epochs forward and backward passes of the trained model(s) (policy and critic) over the same tokens.
+
+It prints per iteration: wall time split into phases, generated tokens per second, peak memory, and the
+ratio iteration time / floor (the figure we track). Each (task, algorithm) runs in its own subprocess so
+peak memory is its own.
+
+    RLGF_DATA_DIR=../shared/data python benchmarks/throughput.py
+    RLGF_DATA_DIR=../shared/data python benchmarks/throughput.py --tasks imdb --algos ppo d2lols --iterations 4
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+ALGOS = ["ppo", "ppo_plus_plus", "aggrevated", "lols", "d2lols"]
+
+
+@dataclass
+class Args:
+    tasks: list[str] = field(default_factory=lambda: ["imdb", "commongen", "tldr"])
+    """tasks to measure"""
+    algos: list[str] = field(default_factory=lambda: list(ALGOS))
+    """algorithms to measure"""
+    iterations: int = 4
+    """iterations per run; the first is a warm-up and is not counted"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    one: str | None = None
+    """internal: 'task:algo' runs one measurement in this process and prints JSON"""
+    json_out: str | None = None
+    """write all results as JSON here"""
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_one(task_name: str, algo: str, iterations: int, device_name: str) -> dict:
+    import numpy as np
+    import torch
+
+    from common import runtime as rt
+    from common.generation import ValueModel, decode, forward_response, left_pad, right_pad
+    from common.models import embedded_models, load_causal_lm, load_tokenizer
+    from common.presets import EMBEDDED
+    from common.tasks import get_task
+
+    rt.quiet_libraries()
+    task = get_task(task_name)
+    data_dir = os.environ.get("RLGF_DATA_DIR")
+    em = embedded_models(task, data_dir)  # built (or loaded) before the baseline is read
+    base_rss = _rss_mib()
+
+    # ---- 1. the real script, a few iterations, evaluation only at start and end ----------------------
+    mod = importlib.import_module(algo)
+    out_dir = tempfile.mkdtemp(prefix="rlgf-bench-")
+    preset = EMBEDDED[task_name]
+    extra = {"tau": max(1, iterations // 2)} if algo == "d2lols" else {}
+    args = mod.Args(task=task_name, data_dir=data_dir, iterations=iterations, eval_interval=10**6, eval_samples=4,
+                    output_dir=out_dir, run_name="bench", device=device_name, **extra)
+    mod.main(args)
+    rows = [json.loads(l) for l in (Path(out_dir) / "bench" / "metrics.jsonl").read_text().splitlines()]
+    it_rows = [r for r in rows if "time/iteration" in r][1:]  # drop the warm-up iteration
+    mean = lambda k: float(np.mean([r.get(k, 0.0) for r in it_rows]))  # noqa: E731
+    phases = {k.split("/")[1]: mean(k) for k in ("time/iteration", "time/guide_generate", "time/generate",
+                                                 "time/forward", "time/reward", "time/update")}
+    resp_len = mean("train/response_length")
+    guide_rows = mean("guide/mix_fraction") if algo in ("ppo_plus_plus", "lols", "d2lols") else 0.0
+    guide_tokens = mean("guide/guide_tokens")
+
+    # ---- 2. the compute floor of the same work, same models and shapes ----------------------------------
+    _, _, device = rt.setup_device(device_name)
+    tok = load_tokenizer(em.policy)
+    policy = load_causal_lm(em.policy, tok, device)
+    ref = load_causal_lm(em.policy, tok, device)
+    critic = rt.make_critic(em.policy, tok, device)
+    B, T = preset["rollouts_per_iteration"], task.max_new_tokens
+    train = task.load("train", data_dir, limit=B)
+    queries = rt.encode_prompts(task, tok, train, preset["prompt_tokens"])
+    qi, qm = left_pad(queries, tok.pad_token_id, device)
+    gen_kwargs = dict(do_sample=True, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+
+    def timed(fn):
+        _sync(device)
+        t0 = time.time()
+        r = fn()
+        _sync(device)
+        return time.time() - t0, r
+
+    with torch.no_grad():
+        n_new = max(1, round(resp_len - guide_tokens))
+        t_gen, seqs = timed(lambda: policy.generate(input_ids=qi, attention_mask=qm, max_new_tokens=n_new,
+                                                    min_new_tokens=n_new, **gen_kwargs))
+        t_guide = 0.0
+        if guide_tokens > 0:
+            g_rows = max(1, round(B * (guide_rows if guide_rows else 1.0)))
+            g_len = max(1, round(guide_tokens / max(guide_rows, 1e-9))) if guide_rows else max(1, round(guide_tokens))
+            guide = load_causal_lm(em.guide, tok, device)
+            t_guide, _ = timed(lambda: guide.generate(input_ids=qi[:g_rows], attention_mask=qm[:g_rows],
+                                                      max_new_tokens=min(T, g_len), min_new_tokens=min(T, g_len),
+                                                      **gen_kwargs))
+        L = max(1, round(resp_len))
+        ri = seqs[:, qi.shape[1]:][:, :L]
+        if ri.shape[1] < L:
+            ri = torch.cat([ri, ri[:, -1:].expand(-1, L - ri.shape[1])], 1)
+        rm = torch.ones_like(ri)
+        t_ref, _ = timed(lambda: ref(input_ids=torch.cat([qi, ri], 1), attention_mask=torch.cat([qm, rm], 1)).logits)
+    reward_fn = rt.make_reward(task, None, task.load("train", data_dir), device)
+    texts = decode(tok, ri.tolist())
+    t_rew, _ = timed(lambda: reward_fn([e.prompt for e in train], texts, [e.references for e in train]))
+    mb = preset["minibatch_size"]
+
+    def train_passes():
+        for _ in range(preset["n_epochs"]):
+            for s in range(0, B, mb):
+                lp, _ = forward_response(policy, qi[s:s + mb], qm[s:s + mb], ri[s:s + mb], rm[s:s + mb],
+                                         eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, min_new_tokens=0)
+                v = critic(qi[s:s + mb], qm[s:s + mb], ri[s:s + mb], rm[s:s + mb])
+                (lp.mean() + v.mean()).backward()
+
+    t_train, _ = timed(train_passes)
+    floor = t_gen + t_guide + t_ref + t_rew + t_train
+    params = sum(p.numel() for p in policy.parameters())
+    n_models = {"ppo": 3, "ppo_plus_plus": 4, "aggrevated": 4, "lols": 5, "d2lols": 5}[algo]  # policy, ref, critic(s), guide
+    # models + grads + AdamW states (2) of the trained ones, weights of the frozen ones, fp32
+    trained = 3 if algo in ("lols", "d2lols") else 2
+    model_mib = params * 4 * (trained * 4 + (n_models - trained)) / 2**20
+    peak = _rss_mib() - base_rss
+    return {"task": task_name, "algo": algo, **{f"t_{k}": v for k, v in phases.items()},
+            "tokens_per_s": B * resp_len / max(phases["iteration"], 1e-9),
+            "floor": floor, "floor_generate": t_gen, "floor_guide_generate": t_guide, "floor_ref_forward": t_ref,
+            "floor_reward": t_rew, "floor_train": t_train, "ratio": phases["iteration"] / floor,
+            "peak_mib_above_imports": peak, "model_state_mib": model_mib, "memory_ratio": peak / model_mib,
+            "device": str(device)}
+
+
+def main(args: Args):
+    if args.one:
+        task, algo = args.one.split(":")
+        print("RESULT " + json.dumps(measure_one(task, algo, args.iterations, args.device)), flush=True)
+        return
+    results = []
+    for task in args.tasks:
+        for algo in args.algos:
+            cmd = [sys.executable, __file__, "--one", f"{task}:{algo}", "--iterations", str(args.iterations),
+                   "--device", args.device]
+            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
+            if res.returncode or not line:
+                print(f"{task}/{algo}: failed: {res.stderr.strip().splitlines()[-1:] }")
+                continue
+            r = json.loads(line[0][7:])
+            results.append(r)
+            print(f"{task:<10}{algo:<14} iter {r['t_iteration']:6.2f}s = guide {r['t_guide_generate']:5.2f} + gen "
+                  f"{r['t_generate']:5.2f} + fwd {r['t_forward']:5.2f} + reward {r['t_reward']:5.2f} + update "
+                  f"{r['t_update']:5.2f} | floor {r['floor']:6.2f}s (gen {r['floor_generate']:.2f}, guide "
+                  f"{r['floor_guide_generate']:.2f}, ref {r['floor_ref_forward']:.2f}, reward {r['floor_reward']:.2f}, "
+                  f"train {r['floor_train']:.2f}) | ratio {r['ratio']:.2f} | {r['tokens_per_s']:.0f} tok/s | "
+                  f"peak {r['peak_mib_above_imports']:.0f} MiB vs models {r['model_state_mib']:.0f} MiB "
+                  f"({r['memory_ratio']:.1f}x)", flush=True)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
