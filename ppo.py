@@ -55,6 +55,9 @@ class Args:
     """seed of every random number generator"""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda"""
+    bf16: bool = False
+    """bf16 autocast in every forward pass: ~1.5x faster on CPUs with AVX-512 BF16 and on recent GPUs; sampling
+    and training log-probs then agree to ~1e-2 instead of ~1e-6"""
 
     # lengths (default: the task's)
     prompt_tokens: int | None = None
@@ -193,7 +196,7 @@ def main(args: Args):
         args, min_new_tokens=task.min_new_tokens if args.min_new_tokens is None else args.min_new_tokens,
         max_new_tokens=args.max_new_tokens or task.max_new_tokens,
         save_interval=args.save_interval or args.eval_interval)
-    rank, world, device = rt.setup_device(args.device)
+    rank, world, device = rt.setup_device(args.device, args.bf16)
     args = dataclasses.replace(args, micro_batch_size=args.micro_batch_size or args.minibatch_size // world)
     check_args(args, world)
     log = print if rank == 0 else (lambda *a, **k: None)

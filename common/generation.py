@@ -20,6 +20,23 @@ import torch.nn.functional as F
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 
+_AUTOCAST = {"bf16": False}
+
+
+def set_bf16(enabled: bool) -> None:
+    """bf16 autocast for every forward pass of this module (sampling, training forward, critic): about 1.5x
+    faster on CPUs with AVX-512 BF16 and on recent GPUs. The log-probs of sampling and of the training forward
+    then agree to bf16 precision (ratio within ~1e-2 of 1 on the first minibatch) instead of ~1e-6."""
+    _AUTOCAST["bf16"] = bool(enabled)
+
+
+def _autocast(device) -> torch.autocast:
+    """Autocast around one forward only: the cast weights are cached until the context exits, so it must
+    never span an optimiser step."""
+    device_type = torch.device(device).type if device is not None else "cpu"
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=_AUTOCAST["bf16"])
+
+
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into (ids, attention_mask)."""
     width = max(1, max(len(s) for s in seqs))
@@ -102,7 +119,9 @@ def sample(model, queries: list[list[int]], *, max_new_tokens: int, min_new_toke
                               output_scores=True, return_dict_in_generate=True)
     saved, model.generation_config = model.generation_config, GenerationConfig()  # generate merges the model's
     try:                                                                           # defaults into ours otherwise
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, logits_processor=processors)
+        with _autocast(ids.device):
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                 logits_processor=processors)
     finally:
         model.generation_config = saved
     new = out.sequences[:, ids.shape[1]:]
@@ -139,9 +158,12 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
     """
     ids = torch.cat([query_ids, response_ids], dim=1)
     mask = torch.cat([query_mask, response_mask], dim=1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
     P, T = query_ids.shape[1], response_ids.shape[1]
-    logits = logits[:, P - 1: P + T - 1].float() / temperature
+    with _autocast(ids.device):
+        # the LM head only where a response token is scored (positions P-1 .. P+T-2): on long prompts most
+        # of the head's work would otherwise be thrown away
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=T + 1).logits
+    logits = logits[:, -(T + 1):-1].float() / temperature
     logits = response_logits_mask(logits, min_new_tokens, eos_id, pad_id)
     logp_all = torch.log_softmax(logits, dim=-1)
     safe_ids = response_ids.masked_fill(response_mask == 0, 0)
@@ -170,9 +192,10 @@ class ValueModel(torch.nn.Module):
         of the previous token, like the logits. [B, T]"""
         ids = torch.cat([query_ids, response_ids], dim=1)
         mask = torch.cat([query_mask, response_mask], dim=1)
-        hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        with _autocast(ids.device):
+            hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
         P, T = query_ids.shape[1], response_ids.shape[1]
-        return self.head(hidden[:, P - 1: P + T - 1]).squeeze(-1).float()
+        return self.head(hidden[:, P - 1: P + T - 1].float()).squeeze(-1)
 
 
 def decode(tokenizer, seqs: list[list[int]]) -> list[str]:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UsageError
-from common.generation import ValueModel, decode, forward_response, left_pad, right_pad, sample
+from common.generation import ValueModel, decode, forward_response, left_pad, right_pad, sample, set_bf16
 from common.models import EMBEDDED, embedded_models, load_causal_lm, load_tokenizer
 from common.tasks import Task, encode_prompt
 
@@ -37,9 +37,10 @@ def quiet_libraries():
 # ---------------------------------------------------------------------------------------------------
 # devices, torchrun, seeds
 # ---------------------------------------------------------------------------------------------------
-def setup_device(device: str = "auto"):
+def setup_device(device: str = "auto", bf16: bool = False):
     """(rank, world_size, device). Under torchrun: DistributedDataParallel over gloo (CPU) or nccl (GPU);
-    a single process behaves exactly like plain python."""
+    a single process behaves exactly like plain python. `bf16` turns on bf16 autocast in common.generation."""
+    set_bf16(bf16)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if device == "auto":
