@@ -20,6 +20,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from common.tasks import Task, encode_prompt, hub_offline_if_unreachable
 
 CACHE_ENV = "RLGF_CACHE_DIR"
 PAD, EOS = "<|pad|>", "<|endoftext|>"
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -102,23 +103,42 @@ class EmbeddedConfig:
     n_embd: int = 256
     n_head: int = 4
     n_positions: int = 320
+    activation: str = "gelu_pytorch_tanh"
+    """GPT-2's MLP activation (the fused tanh GELU: same function as GPT-2's gelu_new, faster on CPU)"""
     prompt_tokens: int = 64
-    sft_seconds: float = 150.0
-    """wall-clock budget of the base SFT"""
-    guide_seconds: float = 0.0
-    """extra SFT of the guide (IMDB: on positive reviews)"""
-    batch_size: int = 32
     seq_len: int = 128
+    """training window: the prompt (cut to prompt_tokens the task's way) + response, cut to seq_len"""
+    sft_steps: int = 200
+    """optimiser steps of the base SFT (fixed, so a build is reproducible)"""
+    guide_steps: int = 0
+    """IMDB: optimiser steps of the guide's extra SFT on positive reviews"""
+    max_seconds: float = 225.0
+    """safety cap on the wall time of the whole build (data, tokenizer, SFT, saving): on a machine slower
+    than the one the step counts were sized on, the SFT schedule is shortened (logged and recorded)"""
+    batch_size: int = 32
     lr: float = 2e-3
+    guide_lr: float = 1e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    """cosine decay from lr to lr * min_lr_ratio"""
+    weight_decay: float = 0.01
+    prompt_loss_weight: float = 1.0
+    """weight of the prompt tokens in the next-token loss (response tokens weigh 1); 0 = response only"""
+    copy_weight: float = 1.0
+    """weight of the response tokens that also occur in their prompt (not counting tokens found in over a
+    tenth of all prompts, such as a task's template): > 1 stresses copying (CommonGen's concepts)"""
     max_train_texts: int = 20000
-    response_loss_only: bool = False
+    val_texts: int = 256
+    """validation windows scored at the end of the build (info.json)"""
     seed: int = 0
 
 
 EMBEDDED = {
-    "imdb": EmbeddedConfig(prompt_tokens=64, sft_seconds=150, guide_seconds=50, seq_len=128),
-    "commongen": EmbeddedConfig(prompt_tokens=32, sft_seconds=180, seq_len=48, batch_size=64),
-    "tldr": EmbeddedConfig(prompt_tokens=256, n_positions=320, sft_seconds=180, seq_len=320, batch_size=16),
+    "imdb": EmbeddedConfig(prompt_tokens=64, seq_len=112, n_positions=128, sft_steps=200, guide_steps=60),
+    "commongen": EmbeddedConfig(prompt_tokens=32, seq_len=48, n_positions=64, batch_size=64, sft_steps=600,
+                                prompt_loss_weight=0.0),
+    "tldr": EmbeddedConfig(prompt_tokens=256, seq_len=320, n_positions=320, batch_size=16, sft_steps=200,
+                           prompt_loss_weight=0.1),
 }
 
 
@@ -130,7 +150,7 @@ class EmbeddedModels:
 
 
 def _sft_texts(task: Task, examples) -> list[tuple[str, str]]:
-    """(prompt, response) pairs; IMDB trains on whole reviews."""
+    """(prompt, response) pairs; IMDB trains on whole reviews (first half + second half)."""
     if task.name == "imdb":
         return [(e.prompt, e.references[0]) for e in examples]
     return [(e.prompt, r) for e in examples for r in e.references]
@@ -144,7 +164,7 @@ def _train_tokenizer(texts: list[str], cfg: EmbeddedConfig, out: Path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=[EOS, PAD],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD,
                                    padding_side="left")
@@ -152,54 +172,179 @@ def _train_tokenizer(texts: list[str], cfg: EmbeddedConfig, out: Path):
     return fast
 
 
-def _encode_pairs(task: Task, tok, pairs, cfg: EmbeddedConfig):
+def _encode_pairs(task: Task, tok, pairs, cfg: EmbeddedConfig) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids + EOS) per pair: the prompt cut to prompt_tokens exactly the way
+    `encode_prompt` cuts it at RL time, the response so that the window fits seq_len. One batched call
+    into the Rust tokenizer; texts far longer than what is kept are first cut to a generous number of
+    characters (12 per kept token), which cannot change the kept tokens of ordinary text."""
+    keep_p, keep_r = 12 * cfg.prompt_tokens, 12 * cfg.seq_len
+    prompts = tok([p if task.truncation == "tldr" else p[-keep_p:] for p, _ in pairs],
+                  add_special_tokens=False)["input_ids"]
+    resps = tok([r[:keep_r] for _, r in pairs], add_special_tokens=False)["input_ids"]
     rows = []
-    for prompt, resp in pairs:
-        p = encode_prompt(task, tok, prompt, cfg.prompt_tokens)
-        r = tok(resp, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    for (prompt, _), p, r in zip(pairs, prompts, resps):
+        if len(p) > cfg.prompt_tokens:
+            # the task's truncation rule: TL;DR keeps "TL;DR:" (encode_prompt), the others keep the end
+            p = encode_prompt(task, tok, prompt, cfg.prompt_tokens) if task.truncation == "tldr" \
+                else p[-cfg.prompt_tokens:]
+        r = r + [tok.eos_token_id]
         rows.append((p, r[: max(1, cfg.seq_len - len(p))]))
     return rows
 
 
-def sft(model, rows, cfg: EmbeddedConfig, seconds: float, pad_id: int, log=print, max_steps: int | None = None):
-    """Plain supervised next-token training for a wall-clock budget (bf16 autocast on CPU, AdamW,
-    cosine decay). Rows are (prompt ids, response ids); the loss covers the whole text unless
-    cfg.response_loss_only."""
-    rng = random.Random(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+def _copy_weights(rows, cfg: EmbeddedConfig) -> list[tuple[list[int], list[int], list[float] | None]]:
+    """(prompt ids, response ids, per-response-token loss weights or None) per row (see copy_weight)."""
+    if cfg.copy_weight == 1.0:
+        return [(p, r, None) for p, r in rows]
+    df = Counter(t for p, _ in rows for t in set(p))
+    common = {t for t, n in df.items() if n > 0.1 * len(rows)}
+    out = []
+    for p, r in rows:
+        own = set(p) - common
+        out.append((p, r, [cfg.copy_weight if t in own else 1.0 for t in r]))
+    return out
+
+
+def _batch(rows, pad_id: int, seq_len: int, prompt_weight: float):
+    """Right-padded ids [B, T] and the loss weight of each next-token target [B, T-1] (0 on padding).
+    Right padding needs no attention mask: under the causal mask a real token never sees a later pad."""
+    seqs = [(p + r)[:seq_len] for p, r, _ in rows]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    w = torch.zeros((len(seqs), width))
+    for i, ((p, _, rw), s) in enumerate(zip(rows, seqs)):
+        ids[i, : len(s)] = torch.tensor(s)
+        w[i, 1: len(s)] = 1.0
+        w[i, 1: min(len(p), len(s))] = prompt_weight  # targets inside the prompt (the first one has no context)
+        if rw is not None and len(s) > len(p):
+            w[i, len(p): len(s)] = torch.tensor(rw[: len(s) - len(p)])
+    return ids, w[:, 1:]
+
+
+def _loss(model, ids, w):
+    """Weighted next-token cross-entropy; the LM head runs only on positions whose target counts."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ids.device.type == "cpu"):
+        hidden = model.transformer(input_ids=ids).last_hidden_state[:, :-1]
+        sel = w > 0
+        logits = model.lm_head(hidden[sel])
+    ce = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][sel], reduction="none")
+    ws = w[sel]
+    return (ce * ws).sum() / ws.sum().clamp(min=1e-8)
+
+
+class _Clock:
+    """The wall-clock safety cap shared by the SFT stages of one build."""
+
+    def __init__(self, seconds: float):
+        self.t0, self.seconds = time.time(), seconds
+
+    def left(self) -> float:
+        return self.seconds - (time.time() - self.t0)
+
+
+class _Pacer:
+    """Keeps an SFT stage inside its wall-clock budget without touching it on a machine that is fast
+    enough (then the run is reproducible bit for bit at the user's thread count). Checked every 10
+    steps: when the projected time overruns the budget, it first tries the other thread count (on a
+    2-core machine shared with another busy process, 1 thread ran 2-3x faster than 2, whose threads
+    wait on each other), then shortens the schedule to what fits. Both are logged and recorded."""
+
+    def __init__(self, budget: float, plan: int, log, tag: str):
+        self.budget, self.plan, self.log, self.tag = budget, plan, log, tag
+        self.threads0 = self.threads = torch.get_num_threads()
+        self.t0, self.last = time.time(), time.time()
+        self.speed: dict[int, tuple[float, int]] = {}  # threads -> (s/step over the last 10 steps, step)
+        self.capped, self.switches, self.last_switch = False, 0, -10**9
+
+    def check(self, step: int) -> None:
+        now = time.time()
+        if step == 0 or step % 10:
+            return
+        per_step = (now - self.last) / 10
+        self.last = now
+        self.speed[self.threads] = (per_step, step)
+        left = self.budget - (now - self.t0)
+        if (self.plan - step) * per_step <= left:
+            return
+        if self.threads0 > 1 and step - self.last_switch >= 20:
+            other = 1 if self.threads > 1 else self.threads0
+            known = self.speed.get(other)
+            if known is None or step - known[1] > 100 or known[0] < per_step:
+                self.log(f"  {self.tag}: behind the wall-clock cap at {per_step:.2f} s/step with {self.threads} "
+                         f"thread(s): trying {other}")
+                self.threads, self.last_switch = other, step
+                self.switches += 1
+                torch.set_num_threads(other)
+                return
+        fit = step + max(1, int(left / per_step))
+        if fit < self.plan:
+            self.plan, self.capped = fit, True
+            self.log(f"  {self.tag}: wall-clock cap: schedule shortened to {fit} steps ({per_step:.2f} s/step)")
+
+    def close(self) -> dict:
+        torch.set_num_threads(self.threads0)
+        return {"capped": self.capped, "thread_switches": self.switches}
+
+
+def sft(model, rows, cfg: EmbeddedConfig, steps: int, lr: float, pad_id: int, budget: float = float("inf"),
+        log=print, seed: int | None = None, tag: str = "sft") -> dict:
+    """Supervised next-token training for a fixed number of steps (bf16 autocast on CPU, fused AdamW,
+    linear warm-up then cosine decay to lr * min_lr_ratio). Batches walk through seeded shuffles of the
+    rows, so a build is reproducible. `budget` (seconds) is a safety cap, see `_Pacer`."""
+    rng = random.Random(cfg.seed if seed is None else seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98), fused=True)
     model.train()
-    t0, step, losses = time.time(), 0, []
-    est_steps = max_steps or 10**9
-    while True:
-        elapsed = time.time() - t0
-        if elapsed > seconds or step >= est_steps:
-            break
-        frac = min(1.0, elapsed / max(seconds, 1e-9)) if max_steps is None else step / max_steps
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * (min(1.0, (step + 1) / 50)) * 0.5 * (1 + math.cos(math.pi * frac))
-        batch = [rows[rng.randrange(len(rows))] for _ in range(cfg.batch_size)]
-        seqs = [(p + r)[: cfg.seq_len] for p, r in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id)
-        labels = torch.full((len(seqs), width), -100)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, ((p, _), s) in enumerate(zip(batch, seqs)):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-            start = len(p) if cfg.response_loss_only else 0
-            labels[i, start: len(s)] = torch.tensor(s[start:])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        step += 1
-        if step % 100 == 0:
-            log(f"  sft step {step} loss {sum(losses[-100:]) / 100:.3f} ({time.time() - t0:.0f}s)")
+    pacer = _Pacer(budget, steps, log, tag)
+    t0, losses, order, pos, step = time.time(), [], [], 0, 0
+    try:
+        while step < pacer.plan:
+            pacer.check(step)
+            warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            frac = step / max(1, pacer.plan - 1)
+            cos = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+            for g in opt.param_groups:
+                g["lr"] = lr * warm * cos
+            idx = []
+            while len(idx) < cfg.batch_size:  # epochs over seeded shuffles
+                if pos >= len(order):
+                    order, pos = list(range(len(rows))), 0
+                    rng.shuffle(order)
+                idx.append(order[pos])
+                pos += 1
+            ids, w = _batch([rows[i] for i in idx], pad_id, cfg.seq_len, cfg.prompt_loss_weight)
+            loss = _loss(model, ids, w)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+            if step % 100 == 0:
+                log(f"  {tag} step {step}/{pacer.plan} loss {sum(losses[-100:]) / len(losses[-100:]):.3f} "
+                    f"({time.time() - t0:.0f}s)")
+    finally:
+        paced = pacer.close()
     model.eval()
-    return step, (sum(losses[-50:]) / max(1, len(losses[-50:]))) if losses else float("nan")
+    tail = losses[-50:]
+    return {"steps": step, "planned_steps": steps, **paced, "seconds": round(time.time() - t0, 1),
+            "loss": sum(tail) / len(tail) if tail else float("nan")}
+
+
+@torch.no_grad()
+def eval_loss(model, rows, cfg: EmbeddedConfig, pad_id: int) -> float:
+    """Mean next-token loss (the training weights) over `rows`."""
+    model.eval()
+    batch_size = max(1, 4096 // cfg.seq_len)
+    total, weight = 0.0, 0.0
+    for i in range(0, len(rows), batch_size):
+        ids, w = _batch(rows[i: i + batch_size], pad_id, cfg.seq_len, cfg.prompt_loss_weight)
+        n = float(w.sum())
+        total += float(_loss(model, ids, w)) * n
+        weight += n
+    return total / max(weight, 1e-8)
 
 
 def _key(task: Task, cfg: EmbeddedConfig, data_dir: str | None) -> str:
@@ -221,41 +366,70 @@ def embedded_models(task: Task, data_dir: str | None, cfg: EmbeddedConfig | None
     from transformers import GPT2Config, GPT2LMHeadModel
 
     log(f"building the embedded {task.name} models in {root} (once; later runs load them in seconds)")
-    torch.manual_seed(cfg.seed)
+    t_build, clock = time.time(), _Clock(cfg.max_seconds)
+    threads = torch.get_num_threads()
     train = task.load("train", data_dir)
+    val = task.load("validation", data_dir)
     pairs = _sft_texts(task, train)
-    random.Random(cfg.seed).shuffle(pairs)
-    pairs = pairs[: cfg.max_train_texts]
+    order = list(range(len(pairs)))
+    random.Random(cfg.seed).shuffle(order)
+    order = order[: cfg.max_train_texts]
+    pairs = [pairs[i] for i in order]
+    val_pairs = _sft_texts(task, val)
+    random.Random(cfg.seed + 1).shuffle(val_pairs)
+    val_pairs = val_pairs[: cfg.val_texts]
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{task.name}-", dir=root.parent))
     try:
         t0 = time.time()
         tok = _train_tokenizer([p + r for p, r in pairs], cfg, tmp / "policy")
-        rows = _encode_pairs(task, tok, pairs, cfg)
+        t_tok = time.time() - t0
+        t0 = time.time()
+        rows = _copy_weights(_encode_pairs(task, tok, pairs, cfg), cfg)
+        val_rows = [(p, r, None) for p, r in _encode_pairs(task, tok, val_pairs, cfg)]  # plain NLL
+        t_enc = time.time() - t0
+        log(f"  tokenizer ({len(tok)} tokens) {t_tok:.1f}s, {len(rows)} training texts encoded in {t_enc:.1f}s")
+        torch.manual_seed(cfg.seed)
         mcfg = GPT2Config(vocab_size=len(tok), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
-                          n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=tok.eos_token_id,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+                          n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function=cfg.activation,
+                          bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                          tie_word_embeddings=True)
         model = GPT2LMHeadModel(mcfg)
-        steps, loss = sft(model, rows, cfg, cfg.sft_seconds, tok.pad_token_id, log)
-        log(f"  policy SFT: {steps} steps, loss {loss:.3f}, {time.time() - t0:.0f}s")
+        # base and guide SFT share what the cap leaves, in proportion to their steps
+        share = cfg.sft_steps / max(1, cfg.sft_steps + (cfg.guide_steps if task.name == "imdb" else 0))
+        res = sft(model, rows, cfg, cfg.sft_steps, cfg.lr, tok.pad_token_id, clock.left() * share, log,
+                  tag="policy sft")
+        val_loss = eval_loss(model, val_rows, cfg, tok.pad_token_id)
+        log(f"  policy SFT: {res['steps']} steps, train loss {res['loss']:.3f}, validation loss {val_loss:.3f}, "
+            f"{res['seconds']:.0f}s")
         model.save_pretrained(tmp / "policy")
-        info = {"policy_sft_steps": steps, "policy_sft_loss": loss, "params": sum(p.numel() for p in model.parameters())}
+        info = {"params": sum(p.numel() for p in model.parameters()), "vocab": len(tok),
+                "tokenizer_seconds": round(t_tok, 1), "encode_seconds": round(t_enc, 1),
+                "train_texts": len(rows), "torch_threads": threads,
+                "policy_sft": {**res, "val_loss": val_loss}}
         if task.name == "imdb":
             # the guide: the same LM fine-tuned further on positive reviews only
-            pos = [(e.prompt, e.references[0]) for e in train if e.meta["label"] == 1]
-            gsteps, gloss = sft(model, _encode_pairs(task, tok, pos, cfg),
-                                EmbeddedConfig(**{**asdict(cfg), "lr": cfg.lr / 2, "seed": cfg.seed + 1}),
-                                cfg.guide_seconds, tok.pad_token_id, log)
-            log(f"  guide SFT on positive reviews: {gsteps} steps, loss {gloss:.3f}")
+            # (IMDB has one pair per review: order[j] is the review of rows[j])
+            pos_rows = [row for row, i in zip(rows, order) if train[i].meta["label"] == 1]
+            val_pos = [(p, r, None) for p, r in _encode_pairs(task, tok, [(e.prompt, e.references[0]) for e in val
+                                                                          if e.meta["label"] == 1][: cfg.val_texts], cfg)]
+            before = eval_loss(model, val_pos, cfg, tok.pad_token_id)
+            gres = sft(model, pos_rows, cfg, cfg.guide_steps, cfg.guide_lr, tok.pad_token_id, clock.left(), log,
+                       seed=cfg.seed + 1, tag="guide sft")
+            after = eval_loss(model, val_pos, cfg, tok.pad_token_id)
+            log(f"  guide SFT on positive reviews: {gres['steps']} steps, loss {gres['loss']:.3f}, validation "
+                f"loss on positive reviews {before:.3f} -> {after:.3f}")
             model.save_pretrained(tmp / "guide")
             tok.save_pretrained(tmp / "guide")
-            info.update(guide_sft_steps=gsteps, guide_sft_loss=gloss)
+            info["guide_sft"] = {**gres, "val_loss_positive_before": before, "val_loss_positive": after}
+        info["build_seconds"] = round(time.time() - t_build, 1)
         (tmp / "info.json").write_text(json.dumps({"config": asdict(cfg), **info}, indent=1))
         (tmp / "DONE").write_text("ok\n")
         if root.exists():
             shutil.rmtree(root)
         os.replace(tmp, root)
+        log(f"  embedded {task.name} models built in {info['build_seconds']:.0f}s")
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
