@@ -54,7 +54,7 @@ def load_tokenizer(name: str):
     hub_offline_if_unreachable()
     try:
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise UsageError(f"cannot load a tokenizer from {name!r} ({str(e).splitlines()[0][:120]}); offline, "
                          "pass a local folder saved with save_pretrained") from None
     if tok.eos_token is None:
@@ -72,7 +72,7 @@ def load_causal_lm(name: str, tokenizer, device, what: str = "model"):
     check_model_path(name, what)
     try:
         model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name))
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise UsageError(f"cannot load {what} {name!r} ({str(e).splitlines()[0][:120]}); offline, pass a local "
                          "folder saved with save_pretrained") from None
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
