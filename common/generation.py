@@ -92,6 +92,11 @@ class Sampled:
     """log-probability of each sampled token under the sampling distribution"""
 
 
+def _position_limit(model) -> int | None:
+    cfg = model.config
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
 @torch.no_grad()
 def sample(model, queries: list[list[int]], *, max_new_tokens: int, min_new_tokens: int, eos_id: int,
            pad_id: int, prefixes: list[list[int]] | None = None, temperature: float = 1.0,
@@ -101,9 +106,36 @@ def sample(model, queries: list[list[int]], *, max_new_tokens: int, min_new_toke
 
     With top_k = 0 and top_p = 1 (the learner's settings) the returned log-probs are exactly those the
     training forward recomputes. A row whose forced prefix already fills `max_new_tokens` gets nothing.
+    `generate` runs every row for the longest remaining budget, so rows whose prefixes differ a lot are
+    sampled in separate groups where one call would run past the model's positions.
     """
     prefixes = prefixes or [[] for _ in queries]
     budgets = [max_new_tokens - len(p) for p in prefixes]
+    limit = _position_limit(model)
+    groups, cur = [], []
+    for i in sorted(range(len(queries)), key=lambda i: len(prefixes[i])):
+        cand = cur + [i]
+        need = max(len(queries[j]) + len(prefixes[j]) for j in cand) + max(budgets[j] for j in cand)
+        if cur and limit and need > limit:
+            groups.append(cur)
+            cand = [i]
+        cur = cand
+    groups.append(cur)
+    if len(groups) == 1:
+        return _sample_group(model, queries, prefixes, budgets, min_new_tokens, eos_id, pad_id, temperature,
+                             top_k, top_p, device)
+    tokens, logprobs = [None] * len(queries), [None] * len(queries)
+    for group in groups:
+        out = _sample_group(model, [queries[i] for i in group], [prefixes[i] for i in group],
+                            [budgets[i] for i in group], min_new_tokens, eos_id, pad_id, temperature, top_k,
+                            top_p, device)
+        for j, i in enumerate(group):
+            tokens[i], logprobs[i] = out.tokens[j], out.logprobs[j]
+    return Sampled(tokens, logprobs)
+
+
+def _sample_group(model, queries, prefixes, budgets, min_new_tokens, eos_id, pad_id, temperature, top_k, top_p,
+                  device) -> Sampled:
     inputs = [q + p for q, p in zip(queries, prefixes)]
     ids, mask = left_pad(inputs, pad_id, device)
     steps = max(budgets)

@@ -721,3 +721,28 @@ def test_bad_kl_estimator_fails_before_any_work(tiny_model, tmp_path):
     args = _args("commongen", tiny_model("commongen"), tmp_path / "runs", kl_estimator="k2")
     _usage_error(args, "kl-estimator")
     assert not (tmp_path / "runs").exists()
+
+
+def test_sample_with_prefixes_of_different_lengths_stays_inside_the_positions(tiny_model):
+    """generate runs every row for the longest remaining budget: a long forced prefix next to an empty one
+    would run past a small model's positions (the embedded TL;DR model: 256 + 50 of 320). `sample` splits
+    such batches; the log-probs still equal the training forward's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = load_tokenizer(tiny_model("tldr"))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=40, n_embd=32, n_layer=2, n_head=2,
+                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).eval()
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    queries = _queries(tok, "tldr", [20, 18, 20, 15])
+    prefixes = [[], queries[0][:15], [], queries[2][:12]]
+    MAX = 20  # 20 + 20 fits 40, but one call would need 35 + 20 positions
+    out = sample(model, queries, prefixes=prefixes, max_new_tokens=MAX, min_new_tokens=0, eos_id=eos, pad_id=pad)
+    full = [p + t for p, t in zip(prefixes, out.tokens)]
+    assert all(len(f) <= MAX for f in full)
+    qi, qm = left_pad(queries, pad)
+    ri, rm = right_pad(full, pad)
+    with torch.no_grad():
+        lp, _ = forward_response(model, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=0)
+    for i, (p, t) in enumerate(zip(prefixes, out.tokens)):
+        torch.testing.assert_close(lp[i, len(p): len(p) + len(t)], torch.tensor(out.logprobs[i]), atol=1e-5, rtol=0)
