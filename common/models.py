@@ -116,6 +116,9 @@ class EmbeddedConfig:
     """safety cap on the wall time of the whole build (data, tokenizer, SFT, saving): on a machine slower
     than the one the step counts were sized on, the SFT schedule is shortened (logged and recorded)"""
     batch_size: int = 32
+    length_buckets: int = 8
+    """batches are formed from groups of this many batches' worth of texts sorted by length (less
+    padding); 1 = plain shuffled batches"""
     lr: float = 2e-3
     guide_lr: float = 1e-3
     warmup_steps: int = 30
@@ -290,7 +293,8 @@ def sft(model, rows, cfg: EmbeddedConfig, steps: int, lr: float, pad_id: int, bu
         log=print, seed: int | None = None, tag: str = "sft") -> dict:
     """Supervised next-token training for a fixed number of steps (bf16 autocast on CPU, fused AdamW,
     linear warm-up then cosine decay to lr * min_lr_ratio). Batches walk through seeded shuffles of the
-    rows, so a build is reproducible. `budget` (seconds) is a safety cap, see `_Pacer`."""
+    rows (grouped by length, see length_buckets), so a build is reproducible. `budget` (seconds) is a
+    safety cap, see `_Pacer`."""
     rng = random.Random(cfg.seed if seed is None else seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -298,7 +302,13 @@ def sft(model, rows, cfg: EmbeddedConfig, steps: int, lr: float, pad_id: int, bu
                             lr=lr, betas=(0.9, 0.98), fused=True)
     model.train()
     pacer = _Pacer(budget, steps, log, tag)
-    t0, losses, order, pos, step = time.time(), [], [], 0, 0
+    t0, losses, order, pos, step, pending = time.time(), [], [], 0, 0, []
+    attn = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # no mask needed, and faster than sdpa for these sizes on CPU
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # silence "passing an attention_mask is recommended": right padding needs none
     try:
         while step < pacer.plan:
             pacer.check(step)
@@ -307,14 +317,20 @@ def sft(model, rows, cfg: EmbeddedConfig, steps: int, lr: float, pad_id: int, bu
             cos = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
             for g in opt.param_groups:
                 g["lr"] = lr * warm * cos
-            idx = []
-            while len(idx) < cfg.batch_size:  # epochs over seeded shuffles
-                if pos >= len(order):
-                    order, pos = list(range(len(rows))), 0
-                    rng.shuffle(order)
-                idx.append(order[pos])
-                pos += 1
-            ids, w = _batch([rows[i] for i in idx], pad_id, cfg.seq_len, cfg.prompt_loss_weight)
+            if not pending:
+                # the next length_buckets batches of a stream of seeded shuffles (epochs), grouped by
+                # length so that batches carry little padding, then taken in random order
+                mega = []
+                while len(mega) < cfg.batch_size * cfg.length_buckets:
+                    if pos >= len(order):
+                        order, pos = list(range(len(rows))), 0
+                        rng.shuffle(order)
+                    mega.append(order[pos])
+                    pos += 1
+                mega.sort(key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+                pending = [mega[i: i + cfg.batch_size] for i in range(0, len(mega), cfg.batch_size)]
+                rng.shuffle(pending)
+            ids, w = _batch([rows[i] for i in pending.pop()], pad_id, cfg.seq_len, cfg.prompt_loss_weight)
             loss = _loss(model, ids, w)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -327,6 +343,8 @@ def sft(model, rows, cfg: EmbeddedConfig, steps: int, lr: float, pad_id: int, bu
                     f"({time.time() - t0:.0f}s)")
     finally:
         paced = pacer.close()
+        model.set_attn_implementation(attn)
+        hf_logging.set_verbosity(verbosity)
     model.eval()
     tail = losses[-50:]
     return {"steps": step, "planned_steps": steps, **paced, "seconds": round(time.time() - t0, 1),
@@ -389,13 +407,14 @@ def embedded_models(task: Task, data_dir: str | None, cfg: EmbeddedConfig | None
         val_rows = [(p, r, None) for p, r in _encode_pairs(task, tok, val_pairs, cfg)]  # plain NLL
         t_enc = time.time() - t0
         log(f"  tokenizer ({len(tok)} tokens) {t_tok:.1f}s, {len(rows)} training texts encoded in {t_enc:.1f}s")
-        torch.manual_seed(cfg.seed)
         mcfg = GPT2Config(vocab_size=len(tok), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
                           n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function=cfg.activation,
                           bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                           pad_token_id=tok.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                           tie_word_embeddings=True)
-        model = GPT2LMHeadModel(mcfg)
+        with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG state alone
+            torch.manual_seed(cfg.seed)
+            model = GPT2LMHeadModel(mcfg)
         # base and guide SFT share what the cap leaves, in proportion to their steps
         share = cfg.sft_steps / max(1, cfg.sft_steps + (cfg.guide_steps if task.name == "imdb" else 0))
         res = sft(model, rows, cfg, cfg.sft_steps, cfg.lr, tok.pad_token_id, clock.left() * share, log,
@@ -412,8 +431,8 @@ def embedded_models(task: Task, data_dir: str | None, cfg: EmbeddedConfig | None
             # the guide: the same LM fine-tuned further on positive reviews only
             # (IMDB has one pair per review: order[j] is the review of rows[j])
             pos_rows = [row for row, i in zip(rows, order) if train[i].meta["label"] == 1]
-            val_pos = [(p, r, None) for p, r in _encode_pairs(task, tok, [(e.prompt, e.references[0]) for e in val
-                                                                          if e.meta["label"] == 1][: cfg.val_texts], cfg)]
+            val_pos_pairs = [(e.prompt, e.references[0]) for e in val if e.meta["label"] == 1][: cfg.val_texts]
+            val_pos = [(p, r, None) for p, r in _encode_pairs(task, tok, val_pos_pairs, cfg)]
             before = eval_loss(model, val_pos, cfg, tok.pad_token_id)
             gres = sft(model, pos_rows, cfg, cfg.guide_steps, cfg.guide_lr, tok.pad_token_id, clock.left(), log,
                        seed=cfg.seed + 1, tag="guide sft")
@@ -426,9 +445,14 @@ def embedded_models(task: Task, data_dir: str | None, cfg: EmbeddedConfig | None
         info["build_seconds"] = round(time.time() - t_build, 1)
         (tmp / "info.json").write_text(json.dumps({"config": asdict(cfg), **info}, indent=1))
         (tmp / "DONE").write_text("ok\n")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+        if not (root / "DONE").exists():  # else another process finished the same build first: keep its
+            if root.exists():
+                shutil.rmtree(root)  # an unfinished folder (not written by this builder)
+            try:
+                os.replace(tmp, root)
+            except OSError:
+                if not (root / "DONE").exists():
+                    raise
         log(f"  embedded {task.name} models built in {info['build_seconds']:.0f}s")
     finally:
         if tmp.exists():
