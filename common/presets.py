@@ -29,9 +29,11 @@ PAPER = {
 
 # Embedded defaults: same method, fewer and smaller iterations and 2 epochs (so a run fits in minutes on a
 # 2-core CPU); tau keeps the paper's proportion of the run (IMDB 20 of 50, CommonGen 100 of 500, TL;DR 200 of 1000).
+# IMDB lr / kl_coef: with 50 iterations of 32 rollouts, PPO at lr 5e-5 / 1e-4 moved the validation reward by
+# +0.01 / +0.03 (256 prompts, SE ~0.02); lr 3e-4 with kl_coef 0.02 gave +0.08 at KL ~9 nats, no collapse.
 EMBEDDED = {
     "imdb": {**PAPER["imdb"], **dict(iterations=50, rollouts_per_iteration=32, minibatch_size=16, n_epochs=2,
-                                      kl_coef=0.05, lr=5e-5, eval_interval=10, eval_samples=64, tau=20)},
+                                      kl_coef=0.02, lr=3e-4, eval_interval=10, eval_samples=128, tau=20)},
     "commongen": {**PAPER["commongen"], **dict(iterations=60, rollouts_per_iteration=32, minibatch_size=16,
                                                 n_epochs=2, kl_coef=0.01, lr=5e-5, prompt_tokens=32,
                                                 eval_interval=20, eval_samples=64, tau=12)},
