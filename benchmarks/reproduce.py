@@ -14,9 +14,11 @@ re-running the same command picks up where it stopped.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import numpy as np
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 ALGOS = ["ppo", "ppo_plus_plus", "aggrevated", "lols", "d2lols"]
 GUIDED = ALGOS[1:]
 RULE_TASKS = ("commongen", "tldr")  # tasks with a rule-based guide (our addition)
@@ -39,6 +42,9 @@ class Args:
     """algorithms to run"""
     guides: list[str] = field(default_factory=lambda: ["model", "rule"])
     """guides for the guided algorithms (rule only on commongen and tldr)"""
+    model_guide_tasks: list[str] = field(default_factory=lambda: ["imdb", "commongen", "tldr"])
+    """tasks on which the model guide runs (on CommonGen and TL;DR the embedded guide is the learner's own
+    start model, so only the rule guide is better than the learner there)"""
     iterations: int | None = None
     """override every run's iteration budget (default: each task's embedded preset)"""
     runs_dir: str = "results/runs"
@@ -49,14 +55,21 @@ class Args:
     """only rebuild the table and plots from finished runs"""
     extra: list[str] = field(default_factory=list)
     """extra arguments passed to every script, e.g. --extra=--eval-samples --extra=32"""
+    workers: int = 1
+    """runs at once; each gets cores / workers threads (on a 2-core CPU, 2 workers of 1 thread finish the
+    grid sooner than 1 worker of 2 threads)"""
 
 
 def configs(args: Args):
-    for task in args.tasks:
-        for algo in args.algos:
-            guides = ["-"] if algo == "ppo" else [g for g in args.guides if g == "model" or task in RULE_TASKS]
-            for guide in guides:
-                for seed in args.seeds:
+    """Seed-major order: every configuration's first seed, then every second seed, ... so that a grid stopped
+    early still covers every algorithm."""
+    for seed in args.seeds:
+        for task in args.tasks:
+            for algo in args.algos:
+                guides = ["-"] if algo == "ppo" else [
+                    g for g in args.guides
+                    if (g == "model" and task in args.model_guide_tasks) or (g == "rule" and task in RULE_TASKS)]
+                for guide in guides:
                     yield task, algo, guide, seed
 
 
@@ -78,13 +91,16 @@ def run_one(args: Args, task, algo, guide, seed) -> bool:
     if args.iterations:
         cmd += ["--iterations", str(args.iterations)]
     cmd += args.extra
-    print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[1:])}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] start {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
-    res = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    res = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     if res.returncode != 0:
-        print(f"  failed ({res.returncode}): {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ''}")
+        print(f"  {run_dir.name} failed ({res.returncode}): "
+              f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ''}", flush=True)
         return False
-    print(f"  done in {time.time() - t0:.0f}s")
+    print(f"[{time.strftime('%H:%M:%S')}] {run_dir.name} done in {time.time() - t0:.0f}s", flush=True)
     return True
 
 
@@ -101,6 +117,42 @@ def load_runs(args: Args):
     return rows
 
 
+def guide_baselines(args: Args, tasks_guides) -> dict:
+    """The guide alone on the validation prompts (the same prompts, reward and metrics as the runs' evaluation):
+    the paper's premise is a guide better than the learner's start. Cached in results/guides.json."""
+    path = Path(args.results_dir) / "guides.json"
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    todo = [(t, g) for t, g in tasks_guides if f"{t}/{g}" not in cache]
+    if todo and not args.report_only:
+        import torch
+
+        from common import runtime as rt
+        from common.metrics import compute_metrics
+        from common.presets import EMBEDDED
+        from common.tasks import get_task, resolve_data_dir
+
+        for task_name, kind in todo:
+            task, data_dir = get_task(task_name), resolve_data_dir(None)
+            policy_path, guide_path = rt.resolve_models(task, None, None, data_dir, 0, 1, need_guide=True)
+            pre = EMBEDDED[task_name]
+            guide = rt.build_guide(kind, task, guide_path, None, torch.device("cpu"), top_p=pre["guide_top_p"],
+                                   top_k=pre["guide_top_k"], temperature=1.0, min_new_tokens=task.min_new_tokens)
+            val = task.load("validation", data_dir, limit=pre["eval_samples"])
+            tok = rt.load_tokenizer(policy_path)  # the prompts exactly as the learner sees them (cut to prompt_tokens)
+            seen = tok.batch_decode(rt.encode_prompts(task, tok, val, pre["prompt_tokens"]))
+            prompts, refs = [e.prompt for e in val], [e.references for e in val]  # as the runs' evaluation
+            torch.manual_seed(1234)
+            responses = guide.complete(seen, [""] * len(val), [task.max_new_tokens] * len(val))
+            reward_fn = rt.make_reward(task, None, task.load("train", data_dir), "cpu", log=lambda *a: None)
+            m = {"reward": float(np.mean(reward_fn(prompts, responses, refs)))}
+            m.update(compute_metrics(task_name, prompts, responses, refs, [e.meta for e in val]))
+            cache[f"{task_name}/{kind}"] = m
+            print(f"guide {task_name}/{kind}: {m}", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cache, indent=1) + "\n")
+    return cache
+
+
 def fmt(values):
     values = [v for v in values if v is not None and np.isfinite(v)]
     if not values:
@@ -110,6 +162,7 @@ def fmt(values):
 
 def report(args: Args):
     rows = load_runs(args)
+    guides = guide_baselines(args, sorted({(t, g) for t, a, g in rows if g != "-"}))
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# Results: the paper's comparison in miniature", "",
@@ -125,6 +178,10 @@ def report(args: Args):
         init = [r["initial"] for (_, _, _), runs in cells for r in runs]
         lines.append("| initial policy | - | " + str(len(init)) + " | "
                      + " | ".join(fmt([i.get(m) for i in init]) for m in metric_keys) + " |")
+        for kind in sorted({g for (_, _, g) in rows if g != "-"}):
+            if f"{task}/{kind}" in guides:
+                lines.append(f"| the guide alone | {kind} | - | "
+                             + " | ".join(fmt([guides[f'{task}/{kind}'].get(m)]) for m in metric_keys) + " |")
         for (_, algo, guide), runs in sorted(cells, key=lambda kv: (ALGOS.index(kv[0][1]), kv[0][2])):
             lines.append(f"| {algo} | {guide} | {len(runs)} | "
                          + " | ".join(fmt([r["final"].get(m) for r in runs]) for m in metric_keys) + " |")
@@ -157,8 +214,14 @@ def plot(task, cells, path: Path):
 
 def main(args: Args):
     if not args.report_only:
-        for task, algo, guide, seed in configs(args):
-            run_one(args, task, algo, guide, seed)
+        if args.workers > 1:  # build each task's embedded models once, before runs race to build them
+            from common.models import embedded_models
+            from common.tasks import get_task, resolve_data_dir
+
+            for task in args.tasks:
+                embedded_models(get_task(task), resolve_data_dir(None))
+        with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+            list(pool.map(lambda c: run_one(args, *c), configs(args)))
     report(args)
 
 

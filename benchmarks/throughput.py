@@ -88,6 +88,7 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str) ->
     args = mod.Args(task=task_name, data_dir=data_dir, iterations=iterations, eval_interval=10**6, eval_samples=4,
                     output_dir=out_dir, run_name="bench", device=device_name, **extra)
     mod.main(args)
+    peak = _rss_mib() - base_rss  # the script's own high-water mark, before the floor loads its own copies
     rows = [json.loads(l) for l in (Path(out_dir) / "bench" / "metrics.jsonl").read_text().splitlines()]
     it_rows = [r for r in rows if "time/iteration" in r][1:]  # drop the warm-up iteration
     mean = lambda k: float(np.mean([r.get(k, 0.0) for r in it_rows]))  # noqa: E731
@@ -154,7 +155,6 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str) ->
     # models + grads + AdamW states (2) of the trained ones, weights of the frozen ones, fp32
     trained = 3 if algo in ("lols", "d2lols") else 2
     model_mib = params * 4 * (trained * 4 + (n_models - trained)) / 2**20
-    peak = _rss_mib() - base_rss
     return {"task": task_name, "algo": algo, **{f"t_{k}": v for k, v in phases.items()},
             "tokens_per_s": B * resp_len / max(phases["iteration"], 1e-9),
             "floor": floor, "floor_generate": t_gen, "floor_guide_generate": t_guide, "floor_ref_forward": t_ref,
