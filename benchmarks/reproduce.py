@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -53,8 +54,8 @@ class Args:
     """where the table and plots go"""
     report_only: bool = False
     """only rebuild the table and plots from finished runs"""
-    extra: list[str] = field(default_factory=list)
-    """extra arguments passed to every script, e.g. --extra=--eval-samples --extra=32"""
+    extra: str = ""
+    """extra arguments passed to every script, e.g. --extra="--bf16 --eval-samples 32" """
     workers: int = 1
     """runs at once; each gets cores / workers threads (on a 2-core CPU, 2 workers of 1 thread finish the
     grid sooner than 1 worker of 2 threads)"""
@@ -90,7 +91,7 @@ def run_one(args: Args, task, algo, guide, seed) -> bool:
         cmd += ["--guide", guide]
     if args.iterations:
         cmd += ["--iterations", str(args.iterations)]
-    cmd += args.extra
+    cmd += shlex.split(args.extra)
     print(f"[{time.strftime('%H:%M:%S')}] start {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
     threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))
