@@ -174,7 +174,14 @@ def report(args: Args):
         if not cells:
             continue
         metric_keys = [m for m in cells[0][1][0]["final"] if m not in ("response_length",)]
-        lines += [f"## {task}", "", "| algorithm | guide | n | " + " | ".join(metric_keys) + " |",
+        settings = ""
+        some = next((Path(args.runs_dir) / run_name(task, a, g, r["seed"]) for (_, a, g), runs in cells for r in runs), None)
+        if some is not None and (some / "args.json").exists():
+            a = json.loads((some / "args.json").read_text())
+            settings = ("Settings shared by the runs: " + ", ".join(
+                f"{k} {a[k]}" for k in ("iterations", "rollouts_per_iteration", "minibatch_size", "n_epochs", "lr",
+                                        "kl_coef", "eval_samples", "bf16") if k in a) + ".")
+        lines += [f"## {task}", "", settings, "", "| algorithm | guide | n | " + " | ".join(metric_keys) + " |",
                   "|---|---|---|" + "---|" * len(metric_keys)]
         init = [r["initial"] for (_, _, _), runs in cells for r in runs]
         lines.append("| initial policy | - | " + str(len(init)) + " | "
