@@ -174,17 +174,23 @@ def report(args: Args):
         if not cells:
             continue
         metric_keys = [m for m in cells[0][1][0]["final"] if m not in ("response_length",)]
-        settings = ""
-        some = next((Path(args.runs_dir) / run_name(task, a, g, r["seed"]) for (_, a, g), runs in cells for r in runs), None)
-        if some is not None and (some / "args.json").exists():
-            a = json.loads((some / "args.json").read_text())
-            settings = ("Settings shared by the runs: " + ", ".join(
-                f"{k} {a[k]}" for k in ("iterations", "rollouts_per_iteration", "minibatch_size", "n_epochs", "lr",
-                                        "kl_coef", "eval_samples", "bf16") if k in a) + ".")
+        keys = ("iterations", "rollouts_per_iteration", "minibatch_size", "n_epochs", "lr", "kl_coef", "eval_samples",
+                "bf16")
+        seen = {k: [] for k in keys}
+        for (_, a, g), runs in cells:
+            for r in runs:
+                f = Path(args.runs_dir) / run_name(task, a, g, r["seed"]) / "args.json"
+                run_args = json.loads(f.read_text()) if f.exists() else {}
+                for k in keys:
+                    if k in run_args and run_args[k] not in seen[k]:
+                        seen[k].append(run_args[k])
+        settings = "Settings of the runs: " + ", ".join(
+            f"{k} {' / '.join(map(str, v))}" + (" (differ between runs)" if len(v) > 1 else "")
+            for k, v in seen.items() if v) + "."
         lines += [f"## {task}", "", settings, "", "| algorithm | guide | n | " + " | ".join(metric_keys) + " |",
                   "|---|---|---|" + "---|" * len(metric_keys)]
         init = [r["initial"] for (_, _, _), runs in cells for r in runs]
-        lines.append("| initial policy | - | " + str(len(init)) + " | "
+        lines.append("| initial policy | - | - | "
                      + " | ".join(fmt([i.get(m) for i in init]) for m in metric_keys) + " |")
         for kind in sorted({g for (_, _, g) in rows if g != "-"}):
             if f"{task}/{kind}" in guides:
