@@ -53,7 +53,7 @@ class Args:
     results_dir: str = "results"
     """where the table and plots go"""
     report_only: bool = False
-    """only rebuild the table and plots from finished runs"""
+    """only rebuild the table and plots from finished runs (and the guide-alone rows, computed once)"""
     extra: str = ""
     """extra arguments passed to every script, e.g. --extra="--bf16 --eval-samples 32" """
     workers: int = 1
@@ -124,7 +124,7 @@ def guide_baselines(args: Args, tasks_guides) -> dict:
     path = Path(args.results_dir) / "guides.json"
     cache = json.loads(path.read_text()) if path.exists() else {}
     todo = [(t, g) for t, g in tasks_guides if f"{t}/{g}" not in cache]
-    if todo and not args.report_only:
+    if todo:
         import torch
 
         from common import runtime as rt
