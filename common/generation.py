@@ -92,7 +92,8 @@ class Sampled:
     """log-probability of each sampled token under the sampling distribution"""
 
 
-def _position_limit(model) -> int | None:
+def position_limit(model) -> int | None:
+    """How many positions the model's position embeddings cover (None when it does not say)."""
     cfg = model.config
     return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
 
@@ -111,7 +112,7 @@ def sample(model, queries: list[list[int]], *, max_new_tokens: int, min_new_toke
     """
     prefixes = prefixes or [[] for _ in queries]
     budgets = [max_new_tokens - len(p) for p in prefixes]
-    limit = _position_limit(model)
+    limit = position_limit(model)
     groups, cur = [], []
     for i in sorted(range(len(queries)), key=lambda i: len(prefixes[i])):
         cand = cur + [i]

@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from common.generation import decode, sample
+from common.generation import decode, position_limit, sample
 
 
 class Guide(Protocol):
@@ -56,7 +56,7 @@ class HFGuide:
         queries, forced = enc(prompts), enc(prefixes)
         # the prefix counts toward the response in the guide's tokens too (its minimum length rule)
         total = max(len(f) + b for f, b in zip(forced, max_new_tokens))
-        limit = getattr(self.model.config, "n_positions", None) or getattr(self.model.config, "max_position_embeddings", None)
+        limit = position_limit(self.model)
         if limit:
             queries = [q[-max(1, limit - total):] for q in queries]
         out = sample(self.model, queries, prefixes=forced, max_new_tokens=total, min_new_tokens=self.min_new_tokens,

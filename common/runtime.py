@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UsageError
-from common.generation import ValueModel, decode, forward_response, left_pad, right_pad, sample, set_bf16
+from common.generation import (ValueModel, decode, forward_response, left_pad, position_limit, right_pad, sample,
+                               set_bf16)
 from common.models import EMBEDDED, embedded_models, load_causal_lm, load_tokenizer
 from common.tasks import Task, encode_prompt
 
@@ -120,7 +121,7 @@ def build_policy_ref_critic(policy_path: str, device, context: int):
     `context` = prompt tokens + new tokens must fit the model's positions."""
     tok = load_tokenizer(policy_path)
     policy = load_causal_lm(policy_path, tok, device, "--policy-model")
-    limit = getattr(policy.config, "n_positions", None) or getattr(policy.config, "max_position_embeddings", None)
+    limit = position_limit(policy)
     if limit and context > limit:
         raise UsageError(f"prompt + response ({context} tokens) exceed the {limit} positions of {policy_path}: "
                          "lower --prompt-tokens or --max-new-tokens")
