@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import runtime as rt
 from common.errors import UsageError, one_line_errors
-from common.generation import decode, forward_response, left_pad, right_pad, sample
+from common.generation import decode, forward_response, left_pad, right_pad, sample, used_columns
 from common.guides import guide_continue
 from common.presets import fill_presets
 from common.tasks import get_task, resolve_data_dir
@@ -348,30 +348,37 @@ def main(args: Args):
                     optimizer.zero_grad(set_to_none=True)
                     for micro_start in range(0, mb_local, args.micro_batch_size):
                         mi = mb[micro_start: micro_start + args.micro_batch_size].to(device)
-                        m_pol, m_val = policy_mask[mi], value_mask[mi]
+                        # only this micro-batch's columns: its longest query and response, not the iteration's
+                        q, t = used_columns(qm[mi], rm[mi])
+                        q_ids, q_mask, r_ids, r_mask = qi[mi, q], qm[mi, q], ri[mi, t], rm[mi, t].long()
+                        m_pol, m_val = policy_mask[mi, t], value_mask[mi, t]
                         new_logprobs, entropy = forward_response(
-                            policy_t, qi[mi], qm[mi], ri[mi], rm[mi].long(), eos_id=eos, pad_id=pad,
+                            policy_t, q_ids, q_mask, r_ids, r_mask, eos_id=eos, pad_id=pad,
                             min_new_tokens=args.min_new_tokens, temperature=args.temperature, with_entropy=True)
-                        log_ratio = (new_logprobs - old_logprobs[mi]) * m_pol
+                        log_ratio = (new_logprobs - old_logprobs[mi, t]) * m_pol
                         ratio = torch.exp(log_ratio)
-                        adv = advantages[mi]
+                        adv = advantages[mi, t]
                         pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_range, 1 + args.clip_range))
                         pg_loss = (pg_losses * m_pol).sum() / n_pol
-                        v = critic_t(qi[mi], qm[mi], ri[mi], rm[mi].long())
-                        v_clip = values[mi] + (v - values[mi]).clamp(-args.clip_range_vf, args.clip_range_vf)
-                        vf_losses = torch.max((v - returns[mi]) ** 2, (v_clip - returns[mi]) ** 2)
-                        vf_loss = 0.5 * (vf_losses * m_val).sum() / n_val
-                        loss = pg_loss + args.vf_coef * vf_loss
+                        policy_loss = pg_loss
                         if args.nll_coef > 0:  # optional NLL on the dataset reference (off by default)
-                            nll = rt.reference_nll(policy_t, tok, task, [batch[j] for j in mi.tolist()], qi[mi], qm[mi], args)
-                            loss = loss + args.nll_coef * nll * len(mi) / mb_local
+                            nll = rt.reference_nll(policy_t, tok, task, [batch[j] for j in mi.tolist()], q_ids, q_mask, args)
+                            policy_loss = policy_loss + args.nll_coef * nll * len(mi) / mb_local
                             stats["nll"].append(nll.item())
-                        loss.backward()
+                        # loss = policy loss + vf_coef * value loss; the two models share no weights, so each part
+                        # is backpropagated alone: the policy's activations are freed before the critic's exist
+                        policy_loss.backward()
+                        v = critic_t(q_ids, q_mask, r_ids, r_mask)
+                        v_old, ret = values[mi, t], returns[mi, t]
+                        v_clip = v_old + (v - v_old).clamp(-args.clip_range_vf, args.clip_range_vf)
+                        vf_losses = torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
+                        vf_loss = 0.5 * (vf_losses * m_val).sum() / n_val
+                        (args.vf_coef * vf_loss).backward()
                         with torch.no_grad():
                             stats["pg_loss"].append(pg_loss.item() * mb_local / len(mi))
                             stats["vf_loss"].append(vf_loss.item() * mb_local / len(mi))
                             stats["clipfrac"].append(float(((ratio - 1).abs() > args.clip_range).float().mul(m_pol).sum() / m_pol.sum().clamp(min=1)))
-                            stats["vf_clipfrac"].append(float(((v - values[mi]).abs() > args.clip_range_vf).float().mul(m_val).sum() / m_val.sum().clamp(min=1)))
+                            stats["vf_clipfrac"].append(float(((v - v_old).abs() > args.clip_range_vf).float().mul(m_val).sum() / m_val.sum().clamp(min=1)))
                             stats["approx_kl"].append(float((0.5 * log_ratio ** 2 * m_pol).sum() / m_pol.sum().clamp(min=1)))
                             stats["entropy"].append(float((entropy * m_pol).sum() / m_pol.sum().clamp(min=1)))
                             stats["ratio"].append(float((ratio * m_pol).sum() / m_pol.sum().clamp(min=1)))

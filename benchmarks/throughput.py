@@ -5,6 +5,8 @@ iterations of the real script and reads its per-phase timings, then, in the same
 models and batch shapes, measures the compute floor of the same work:
 
 - the bare `generate` calls that produce the same number of tokens (the guide's too, for guided algorithms),
+  counted from the script's own sampling calls: a guide roll-in is generated in full before the switch point
+  can be drawn (SPEC section 2), so all of its tokens count, not only the prefix that is kept,
 - one no-grad forward of the reference model over the batch,
 - the reward computation alone,
 - n_epochs forward and backward passes of the trained model(s) (policy and critic) over the same tokens.
@@ -68,6 +70,7 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str) ->
     import numpy as np
     import torch
 
+    import common.guides as guides_mod
     from common import runtime as rt
     from common.generation import ValueModel, decode, forward_response, left_pad, right_pad
     from common.models import embedded_models, load_causal_lm, load_tokenizer
@@ -87,7 +90,23 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str) ->
     extra = {"tau": max(1, iterations // 2)} if algo == "d2lols" else {}
     args = mod.Args(task=task_name, data_dir=data_dir, iterations=iterations, eval_interval=10**6, eval_samples=4,
                     output_dir=out_dir, run_name="bench", device=device_name, **extra)
-    mod.main(args)
+    # count what every training-time `sample` call generates (rows, new tokens): the learner's in the script,
+    # the model guide's in common.guides (evaluation samples through common.runtime and is not counted)
+    calls = {"learner": [], "guide": []}
+
+    def counting(fn, role):
+        def wrapped(model, queries, **kw):
+            out = fn(model, queries, **kw)
+            calls[role].append((len(queries), sum(len(t) for t in out.tokens)))
+            return out
+        return wrapped
+
+    saved = mod.sample, guides_mod.sample
+    mod.sample, guides_mod.sample = counting(saved[0], "learner"), counting(saved[1], "guide")
+    try:
+        mod.main(args)
+    finally:
+        mod.sample, guides_mod.sample = saved
     peak = _rss_mib() - base_rss  # the script's own high-water mark, before the floor loads its own copies
     rows = [json.loads(l) for l in (Path(out_dir) / "bench" / "metrics.jsonl").read_text().splitlines()]
     it_rows = [r for r in rows if "time/iteration" in r][1:]  # drop the warm-up iteration
@@ -95,8 +114,6 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str) ->
     phases = {k.split("/")[1]: mean(k) for k in ("time/iteration", "time/guide_generate", "time/generate",
                                                  "time/forward", "time/reward", "time/update")}
     resp_len = mean("train/response_length")
-    guide_rows = mean("guide/mix_fraction") if algo in ("ppo_plus_plus", "lols", "d2lols") else 0.0
-    guide_tokens = mean("guide/guide_tokens")
 
     # ---- 2. the compute floor of the same work, same models and shapes ----------------------------------
     _, _, device = rt.setup_device(device_name)
@@ -117,18 +134,25 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str) ->
         _sync(device)
         return time.time() - t0, r
 
+    def bare_generate(model, role):
+        """Bare `generate` calls producing the tokens the script's calls of `role` produced per iteration:
+        same number of calls, rows per call and new tokens per row (all rows run the mean length)."""
+        if not calls[role]:
+            return 0.0
+        n_calls = len(calls[role]) / iterations
+        rows = max(1, min(B, round(np.mean([r for r, _ in calls[role]]))))
+        new = round(sum(n for _, n in calls[role]) / sum(r for r, _ in calls[role]))
+        if new < 1:
+            return 0.0
+        t, _ = timed(lambda: model.generate(input_ids=qi[:rows], attention_mask=qm[:rows], max_new_tokens=new,
+                                            min_new_tokens=new, **gen_kwargs))
+        return t * n_calls
+
     with torch.no_grad():
-        n_new = max(1, round(resp_len - guide_tokens))
-        t_gen, seqs = timed(lambda: policy.generate(input_ids=qi, attention_mask=qm, max_new_tokens=n_new,
-                                                    min_new_tokens=n_new, **gen_kwargs))
-        t_guide = 0.0
-        if guide_tokens > 0:
-            g_rows = max(1, round(B * (guide_rows if guide_rows else 1.0)))
-            g_len = max(1, round(guide_tokens / max(guide_rows, 1e-9))) if guide_rows else max(1, round(guide_tokens))
-            guide = load_causal_lm(em.guide, tok, device)
-            t_guide, _ = timed(lambda: guide.generate(input_ids=qi[:g_rows], attention_mask=qm[:g_rows],
-                                                      max_new_tokens=min(T, g_len), min_new_tokens=min(T, g_len),
-                                                      **gen_kwargs))
+        t_gen = bare_generate(policy, "learner")
+        t_guide = bare_generate(load_causal_lm(em.guide, tok, device), "guide") if calls["guide"] else 0.0
+        seqs = policy.generate(input_ids=qi, attention_mask=qm, max_new_tokens=max(1, round(resp_len)),
+                               min_new_tokens=max(1, round(resp_len)), **gen_kwargs)  # the batch the passes below use
         L = max(1, round(resp_len))
         ri = seqs[:, qi.shape[1]:][:, :L]
         if ri.shape[1] < L:

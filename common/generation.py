@@ -62,6 +62,15 @@ def right_pad(seqs: list[list[int]], pad_id: int, width: int | None = None, devi
     return ids.to(device), mask.to(device)
 
 
+def used_columns(query_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[slice, slice]:
+    """Column slices of a [left-padded query | right-padded response] batch that hold a real token in some
+    row: the rows of a minibatch, cut from the whole iteration's batch, often need far fewer than its width.
+    Positions count real tokens (`position_ids`), so dropping all-padding columns changes no result."""
+    q_len = int(query_mask.sum(1).max()) if query_mask.numel() else 0
+    r_len = int(response_mask.sum(1).max()) if response_mask.numel() else 0
+    return slice(query_mask.shape[1] - max(1, q_len), None), slice(0, max(1, r_len))
+
+
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """Positions that count only real tokens, so left padding does not shift them."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
@@ -158,8 +167,10 @@ def _sample_group(model, queries, prefixes, budgets, min_new_tokens, eos_id, pad
     finally:
         model.generation_config = saved
     new = out.sequences[:, ids.shape[1]:]
-    scores = torch.stack(out.scores, dim=1)  # [B, steps, V] after temperature / masks / top-k / top-p
-    lp = torch.log_softmax(scores.float(), dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+    # out.scores: per step [B, V] after temperature / masks / top-k / top-p; one step at a time, so no
+    # [B, steps, V] copy is ever made
+    lp = torch.stack([torch.log_softmax(s.float(), dim=-1).gather(-1, new[:, j, None]).squeeze(-1)
+                      for j, s in enumerate(out.scores)], dim=1)
     tokens, logprobs = [], []
     for i in range(len(queries)):
         row, lrow = new[i].tolist(), lp[i].tolist()

@@ -21,7 +21,7 @@ import torch
 import ppo
 from common import runtime as rt
 from common.errors import UsageError
-from common.generation import forward_response, left_pad, right_pad, sample
+from common.generation import forward_response, left_pad, right_pad, sample, used_columns
 from common.models import load_causal_lm, load_tokenizer
 from conftest import DATA, REPO, needs_data, train_texts
 
@@ -276,6 +276,27 @@ def test_ratio_is_one_on_first_minibatch(tiny_model):
     torch.testing.assert_close(v_mb, v_all[mb], atol=1e-5, rtol=0)
 
 
+def test_used_columns_drop_only_padding_and_change_no_result(tiny_model):
+    path = tiny_model("commongen", eos_logit=4.6)
+    tok, policy, _, critic = _policy_ref_critic(path)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    queries = _queries(tok, "commongen", [12, 3, 7, 15, 5, 9])
+    responses = [[5 + i] * n for i, n in enumerate([9, 2, 4, 20, 3, 6])]
+    qi, qm = left_pad(queries, pad)
+    ri, rm = right_pad(responses, pad)
+    mb = torch.tensor([4, 1, 2])  # short queries and responses: most of the batch's width is their padding
+    q, t = used_columns(qm[mb], rm[mb])
+    assert qi[mb, q].shape[1] == 7 and ri[mb, t].shape[1] == 4  # the longest of each in the minibatch
+    assert torch.equal(qm[mb, :q.start].sum(), torch.tensor(0)) and int(rm[mb, t.stop:].sum()) == 0
+    with torch.no_grad():
+        full, _ = forward_response(policy, qi[mb], qm[mb], ri[mb], rm[mb], eos_id=eos, pad_id=pad, min_new_tokens=5)
+        cut, _ = forward_response(policy, qi[mb, q], qm[mb, q], ri[mb, t], rm[mb, t], eos_id=eos, pad_id=pad,
+                                  min_new_tokens=5)
+        torch.testing.assert_close(cut, full[:, t], atol=1e-5, rtol=0)
+        torch.testing.assert_close(critic(qi[mb, q], qm[mb, q], ri[mb, t], rm[mb, t]),
+                                   critic(qi[mb], qm[mb], ri[mb], rm[mb])[:, t], atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------------
 # 5. KL estimators
 # ---------------------------------------------------------------------------------------------------
@@ -418,21 +439,30 @@ def test_ratio_is_one_on_first_minibatch_inside_ppo_main(captured, tiny_model):
     ri, rm = right_pad(out.tokens, pad)
     old = rt.right_pad_float(out.logprobs, ri.shape[1], "cpu")
     q_mb, r_mb, m_mb, new = captured["train_fwd"][0]  # first minibatch, first epoch, before any step
-    assert q_mb.shape[1] == qi.shape[1] and 0 < len(q_mb) < len(qi)
-    rows = []
-    for j in range(len(q_mb)):
-        match = [i for i in range(len(qi)) if torch.equal(qi[i], q_mb[j]) and torch.equal(ri[i], r_mb[j])]
-        assert match, "the minibatch rows come from the sampled batch"
-        rows.append(match[0])
-    ratio = torch.exp((new - old[rows]) * m_mb)
+    # the minibatch keeps only the columns its own rows use: no left padding of its queries and no response
+    # column that is padding in every one of its rows
+    assert q_mb.shape[1] <= qi.shape[1] and r_mb.shape[1] <= ri.shape[1] and 0 < len(q_mb) < len(qi)
+    assert int(m_mb.sum(1).max()) == r_mb.shape[1] and bool((q_mb != pad).any(0).all())
+
+    def source_rows(q_mb, r_mb):
+        P, T = q_mb.shape[1], r_mb.shape[1]
+        rows = []
+        for j in range(len(q_mb)):
+            match = [i for i in range(len(qi)) if torch.equal(qi[i, -P:], q_mb[j]) and torch.equal(ri[i, :T], r_mb[j])
+                     and bool((qi[i, :-P] == pad).all()) and int(rm[i].sum()) <= T]
+            assert match, "the minibatch rows come from the sampled batch"
+            rows.append(match[0])
+        return rows
+
+    rows = source_rows(q_mb, r_mb)
+    ratio = torch.exp((new - old[rows, :r_mb.shape[1]]) * m_mb)
     assert float((ratio - 1).abs().max()) < 1e-5
     # the second minibatch of the same iteration comes after an optimiser step (lr 1e-2): its ratio is not 1,
     # so the comparison above can fail
     q2, r2, m2, new2 = captured["train_fwd"][1]
-    rows2 = [next(i for i in range(len(qi)) if torch.equal(qi[i], q2[j]) and torch.equal(ri[i], r2[j]))
-             for j in range(len(q2))]
+    rows2 = source_rows(q2, r2)
     assert not set(rows2) & set(rows)
-    assert float((torch.exp((new2 - old[rows2]) * m2) - 1).abs().max()) > 1e-4
+    assert float((torch.exp((new2 - old[rows2, :r2.shape[1]]) * m2) - 1).abs().max()) > 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------
