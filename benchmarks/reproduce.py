@@ -112,10 +112,24 @@ def load_runs(args: Args):
         if not (run_dir / "eval.json").exists():
             continue
         ev = json.loads((run_dir / "eval.json").read_text())
-        curve = [(r["step"], r["eval/reward"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-                 if "eval/reward" in r]
-        rows.setdefault((task, algo, guide), []).append({"seed": seed, **ev, "curve": curve})
+        metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        curve = [(r["step"], r["eval/reward"]) for r in metrics if "eval/reward" in r]
+        rows.setdefault((task, algo, guide), []).append({"seed": seed, **ev, "curve": curve, "diag": diagnostics(metrics)})
     return rows
+
+
+def diagnostics(metrics: list[dict]) -> dict:
+    """Training-side figures that help explain the final numbers: how many tokens per rollout got the policy
+    loss (PPO: all; guided: the learner's part), and, over the second half of training, how well the critic
+    predicted the returns, the training reward, and the reward of the guide's own samples."""
+    train = [r for r in metrics if "time/iteration" in r]
+    late = train[len(train) // 2:]
+    mean = lambda rows, k: float(np.nanmean([r[k] for r in rows if k in r])) if any(k in r for r in rows) else None  # noqa: E731
+    guided = any("guide/learner_tokens" in r for r in train)
+    return {"policy tokens / rollout": mean(train, "guide/learner_tokens" if guided else "train/response_length"),
+            "critic explained variance": mean(late, "value/explained_variance"),
+            "training reward": mean(late, "objective/reward"),
+            "guide-only reward": mean(late, "guide/reward_guide_only")}
 
 
 def guide_baselines(args: Args, tasks_guides) -> dict:
@@ -199,6 +213,11 @@ def report(args: Args):
         for (_, algo, guide), runs in sorted(cells, key=lambda kv: (ALGOS.index(kv[0][1]), kv[0][2])):
             lines.append(f"| {algo} | {guide} | {len(runs)} | "
                          + " | ".join(fmt([r["final"].get(m) for r in runs]) for m in metric_keys) + " |")
+        diag_keys = list(cells[0][1][0]["diag"])
+        lines += ["", "Training diagnostics (second half of training, except the token count):", "",
+                  "| algorithm | guide | " + " | ".join(diag_keys) + " |", "|---|---|" + "---|" * len(diag_keys)]
+        for (_, algo, guide), runs in sorted(cells, key=lambda kv: (ALGOS.index(kv[0][1]), kv[0][2])):
+            lines.append(f"| {algo} | {guide} | " + " | ".join(fmt([r["diag"][k] for r in runs]) for k in diag_keys) + " |")
         lines.append("")
         plot(task, cells, out / f"{task}.png")
     (out / "README.md").write_text("\n".join(lines) + "\n")

@@ -31,8 +31,11 @@ def _fake_run(runs_dir: Path, name: str, initial: float, final: float):
     d.mkdir(parents=True)
     (d / "eval.json").write_text(json.dumps({"initial": {"reward": initial, "kl": 0.0},
                                              "final": {"reward": final, "kl": 1.0}}))
-    lines = [{"step": 0, "eval/reward": initial}, {"step": 1, "objective/reward": 0.5},
-             {"step": 2, "eval/reward": final}]
+    guided = not name.startswith("ppo-")
+    train = [{"step": i, "time/iteration": 1.0, "objective/reward": 0.1 * i, "train/response_length": 48.0,
+              "value/explained_variance": 0.2 * i, **({"guide/learner_tokens": 20.0 + i} if guided else {})}
+             for i in (1, 2, 3, 4)]
+    lines = [{"step": 0, "eval/reward": initial}, *train, {"step": 4, "eval/reward": final}]
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
 
 
@@ -47,9 +50,15 @@ def test_report_tables_means_and_plots(tmp_path):
                           results_dir=str(tmp_path / "res"), report_only=True)
     reproduce.report(args)
     table = (tmp_path / "res" / "README.md").read_text()
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    results, diag = table.split("Training diagnostics")
+    rows = {line.split("|")[1].strip(): line for line in results.splitlines() if line.startswith("| ")}
+    drows = {line.split("|")[1].strip(): line for line in diag.splitlines() if line.startswith("| ")}
     assert "| 2 | 0.700 ± 0.100 |" in rows["ppo"]  # mean ± std over the two seeds
     assert "| 1 | 0.900 |" in rows["d2lols"]
     assert "0.650" in rows["the guide alone"]
     assert "| - | 0.500 ± 0.000 |" in rows["initial policy"]  # the same evaluation in every run
     assert (tmp_path / "res" / "imdb.png").stat().st_size > 1000
+    # diagnostics: PPO trains every token, a guided run its learner tokens (all iterations); the critic and the
+    # training reward over the second half of training (iterations 3 and 4)
+    assert "| 48.000 ± 0.000 | 0.700 ± 0.000 | 0.350 ± 0.000 | - |" in drows["ppo"]
+    assert "| 22.500 | 0.700 | 0.350 | - |" in drows["d2lols"]
