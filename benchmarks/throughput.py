@@ -72,7 +72,7 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str) ->
 
     import common.guides as guides_mod
     from common import runtime as rt
-    from common.generation import ValueModel, decode, forward_response, left_pad, right_pad
+    from common.generation import decode, forward_response, left_pad
     from common.models import embedded_models, load_causal_lm, load_tokenizer
     from common.presets import EMBEDDED
     from common.tasks import get_task
@@ -121,7 +121,7 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str) ->
     policy = load_causal_lm(em.policy, tok, device)
     ref = load_causal_lm(em.policy, tok, device)
     critic = rt.make_critic(em.policy, tok, device)
-    B, T = preset["rollouts_per_iteration"], task.max_new_tokens
+    B = preset["rollouts_per_iteration"]
     train = task.load("train", data_dir, limit=B)
     queries = rt.encode_prompts(task, tok, train, preset["prompt_tokens"])
     qi, qm = left_pad(queries, tok.pad_token_id, device)
