@@ -124,7 +124,10 @@ def diagnostics(metrics: list[dict]) -> dict:
     predicted the returns, the training reward, and the reward of the guide's own samples."""
     train = [r for r in metrics if "time/iteration" in r]
     late = train[len(train) // 2:]
-    mean = lambda rows, k: float(np.nanmean([r[k] for r in rows if k in r])) if any(k in r for r in rows) else None  # noqa: E731
+    def mean(rows, k):  # over the iterations that logged a finite value (guide-only reward: only when there was one)
+        vals = [r[k] for r in rows if k in r and np.isfinite(r[k])]
+        return float(np.mean(vals)) if vals else None
+
     guided = any("guide/learner_tokens" in r for r in train)
     return {"policy tokens / rollout": mean(train, "guide/learner_tokens" if guided else "train/response_length"),
             "critic explained variance": mean(late, "value/explained_variance"),
