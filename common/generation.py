@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 
 _AUTOCAST = {"bf16": False}
@@ -76,23 +75,6 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-class _MaskEosAndPad(LogitsProcessor):
-    """Per row: EOS forbidden until the response (forced prefix included) has `min_new_tokens` tokens;
-    pad forbidden always. The training forward applies exactly the same mask."""
-
-    def __init__(self, start_width: int, prefix_lens: torch.Tensor, min_new_tokens: int, eos_id: int, pad_id: int):
-        self.start_width, self.prefix_lens = start_width, prefix_lens
-        self.min_new_tokens, self.eos_id, self.pad_id = min_new_tokens, eos_id, pad_id
-
-    def __call__(self, input_ids, scores):
-        scores = scores.clone()
-        scores[:, self.pad_id] = -float("inf")
-        response_pos = self.prefix_lens + (input_ids.shape[1] - self.start_width)
-        too_short = response_pos < self.min_new_tokens
-        scores[too_short, self.eos_id] = -float("inf")
-        return scores
-
-
 @dataclass
 class Sampled:
     tokens: list[list[int]]
@@ -107,86 +89,108 @@ def position_limit(model) -> int | None:
     return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
 
 
+def filter_top_k_top_p(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Logits [B, V] with everything outside the top-k and outside the top-p nucleus set to -inf (the
+    semantics of HF's TopKLogitsWarper and TopPLogitsWarper: ties at the k-th logit stay, and the nucleus is
+    the smallest set of most likely tokens whose mass reaches top_p, at least one token). 0 / 1 turn off."""
+    if top_k > 0 and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        mass_before = probs.cumsum(-1) - probs  # the mass of the tokens ranked above each one
+        remove = mass_before >= top_p
+        remove[:, 0] = False
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(remove, -float("inf")))
+    return scores
+
+
+def draw(logprobs: torch.Tensor) -> torch.Tensor:
+    """One token per row from log-probabilities [B, V], by inverting the cumulative distribution with one
+    uniform number per row. The same distribution as torch.multinomial, whose exponential draw over the whole
+    vocabulary was a third of a CPU sampling step; the global torch generator makes it reproducible."""
+    cdf = logprobs.exp().cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
+
+
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes the key-value cache: `cache` in recent transformers 5 releases,
+    `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def sample(model, queries: list[list[int]], *, max_new_tokens: int, min_new_tokens: int, eos_id: int,
            pad_id: int, prefixes: list[list[int]] | None = None, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, device=None) -> Sampled:
     """Sample continuations of `queries` (+ an optional forced prefix per row, which counts toward the
-    response length) with HF `generate` and the KV cache.
+    response length) with the model's key-value cache.
 
-    With top_k = 0 and top_p = 1 (the learner's settings) the returned log-probs are exactly those the
-    training forward recomputes. A row whose forced prefix already fills `max_new_tokens` gets nothing.
-    `generate` runs every row for the longest remaining budget, so rows whose prefixes differ a lot are
-    sampled in separate groups where one call would run past the model's positions.
+    The distribution of every step: logits / temperature, pad at -inf, EOS at -inf while the response
+    (prefix included) is shorter than `min_new_tokens`, then top-k / top-p. With top_k = 0 and top_p = 1
+    (the learner's settings) the returned log-probs are exactly those the training forward recomputes.
+    A row whose forced prefix already fills `max_new_tokens` gets nothing.
+
+    Our own loop rather than HF `generate`, which runs every row until the longest ends and draws with
+    torch.multinomial: here a row leaves the batch (and the cache) as soon as it ends, so a step costs only
+    the rows still running, and each row stops at its own budget, so a long prefix never pushes another row
+    past the model's positions.
     """
     prefixes = prefixes or [[] for _ in queries]
-    budgets = [max_new_tokens - len(p) for p in prefixes]
-    limit = position_limit(model)
-    groups, cur = [], []
-    for i in sorted(range(len(queries)), key=lambda i: len(prefixes[i])):
-        cand = cur + [i]
-        need = max(len(queries[j]) + len(prefixes[j]) for j in cand) + max(budgets[j] for j in cand)
-        if cur and limit and need > limit:
-            groups.append(cur)
-            cand = [i]
-        cur = cand
-    groups.append(cur)
-    if len(groups) == 1:
-        return _sample_group(model, queries, prefixes, budgets, min_new_tokens, eos_id, pad_id, temperature,
-                             top_k, top_p, device)
-    tokens, logprobs = [None] * len(queries), [None] * len(queries)
-    for group in groups:
-        out = _sample_group(model, [queries[i] for i in group], [prefixes[i] for i in group],
-                            [budgets[i] for i in group], min_new_tokens, eos_id, pad_id, temperature, top_k,
-                            top_p, device)
-        for j, i in enumerate(group):
-            tokens[i], logprobs[i] = out.tokens[j], out.logprobs[j]
-    return Sampled(tokens, logprobs)
+    tokens: list[list[int]] = [[] for _ in queries]
+    logprobs: list[list[float]] = [[] for _ in queries]
+    rows = [i for i in range(len(queries)) if max_new_tokens - len(prefixes[i]) > 0]
+    if not rows:
+        return Sampled(tokens, logprobs)
+    from transformers import DynamicCache
 
-
-def _sample_group(model, queries, prefixes, budgets, min_new_tokens, eos_id, pad_id, temperature, top_k, top_p,
-                  device) -> Sampled:
-    inputs = [q + p for q, p in zip(queries, prefixes)]
-    ids, mask = left_pad(inputs, pad_id, device)
-    steps = max(budgets)
-    if steps <= 0:
-        return Sampled([[] for _ in queries], [[] for _ in queries])
-    prefix_lens = torch.tensor([len(p) for p in prefixes], device=ids.device)
-    processors = LogitsProcessorList([_MaskEosAndPad(ids.shape[1], prefix_lens, min_new_tokens, eos_id, pad_id)])
-    # a fresh config: nothing from the model folder's generation_config.json (repetition penalties, bad
-    # words, ...) may change the distribution we sample from behind the loss's back
-    # a static key-value cache: allocated once per call and written in place, where the default dynamic cache
-    # concatenates every layer's keys and values at every step (on the CPU a quarter of the sampling time)
-    config = GenerationConfig(do_sample=True, max_new_tokens=steps, min_new_tokens=0, temperature=temperature,
-                              top_k=top_k, top_p=top_p, pad_token_id=pad_id, eos_token_id=eos_id,
-                              bos_token_id=getattr(model.config, "bos_token_id", None), cache_implementation="static",
-                              output_scores=True, return_dict_in_generate=True)
-    saved, model.generation_config = model.generation_config, GenerationConfig()  # generate merges the model's
-    try:                                                                           # defaults into ours otherwise
-        with _autocast(ids.device):
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                 logits_processor=processors)
-    finally:
-        model.generation_config = saved
-    new = out.sequences[:, ids.shape[1]:]
-    # out.scores: per step [B, V] after temperature / masks / top-k / top-p; one step at a time, so no
-    # [B, steps, V] copy is ever made
-    lp = torch.stack([torch.log_softmax(s.float(), dim=-1).gather(-1, new[:, j, None]).squeeze(-1)
-                      for j, s in enumerate(out.scores)], dim=1)
-    tokens, logprobs = [], []
+    ids, mask = left_pad([queries[i] + prefixes[i] for i in rows], pad_id, device)
+    dev = ids.device
+    row_idx = torch.tensor(rows, device=dev)  # which output row each batch row is
+    done_len = torch.tensor([len(prefixes[i]) for i in rows], device=dev)  # response tokens so far, prefix included
+    steps = max_new_tokens - int(done_len.min())
+    out_tok = torch.full((len(queries), steps), pad_id, dtype=torch.long, device=dev)
+    out_lp = torch.zeros((len(queries), steps), device=dev)
+    cache = DynamicCache(config=model.config)
+    kw = {_cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
+    inputs, pos = ids, position_ids(mask)
+    for step in range(steps):
+        with _autocast(dev):
+            logits = model(input_ids=inputs, attention_mask=mask, position_ids=pos, **kw).logits[:, -1]
+        scores = logits.float() / temperature
+        scores[:, pad_id] = -float("inf")
+        scores[done_len < min_new_tokens, eos_id] = -float("inf")
+        logp = torch.log_softmax(filter_top_k_top_p(scores, top_k, top_p), dim=-1)
+        new = draw(logp)
+        out_tok[row_idx, step] = new
+        out_lp[row_idx, step] = logp.gather(-1, new[:, None]).squeeze(-1)
+        done_len = done_len + 1
+        running = (new != eos_id) & (done_len < max_new_tokens)
+        if not running.all():
+            if not running.any():
+                break
+            keep = running.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            row_idx, done_len, new, mask = row_idx[keep], done_len[keep], new[keep], mask[keep]
+        pos = mask.sum(1, keepdim=True)  # the new token's position counts the real tokens before it
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        inputs = new[:, None]
+    tok_rows, lp_rows = out_tok.tolist(), out_lp.tolist()
     for i in range(len(queries)):
-        row, lrow = new[i].tolist(), lp[i].tolist()
-        n = budgets[i]
-        if eos_id in row[:n]:
+        n = max(0, min(steps, max_new_tokens - len(prefixes[i])))
+        row = tok_rows[i][:n]
+        if eos_id in row:
             n = row.index(eos_id) + 1
-        n = max(0, n)
-        tokens.append(row[:n])
-        logprobs.append(lrow[:n])
+        tokens[i], logprobs[i] = tok_rows[i][:n], lp_rows[i][:n]
     return Sampled(tokens, logprobs)
 
 
 def response_logits_bias(T: int, vocab: int, min_new_tokens: int, eos_id: int, pad_id: int, device) -> torch.Tensor:
-    """The sampling masks of `_MaskEosAndPad` as an additive bias for logits of response positions [T, V]
+    """The sampling masks of `sample` as an additive bias for logits of response positions [T, V]
     (-inf on pad everywhere, on EOS before min_new_tokens): adding it broadcasts over the batch without
     cloning the [B, T, V] logits."""
     bias = torch.zeros((T, vocab), device=device)

@@ -21,7 +21,8 @@ import torch
 import ppo
 from common import runtime as rt
 from common.errors import UsageError
-from common.generation import forward_response, left_pad, right_pad, sample, used_columns
+from common.generation import (draw, filter_top_k_top_p, forward_response, left_pad, right_pad, sample,
+                               used_columns)
 from common.models import load_causal_lm, load_tokenizer
 from conftest import DATA, REPO, needs_data, train_texts
 
@@ -188,6 +189,67 @@ def test_sample_logprobs_equal_training_forward(tiny_model, temperature):
                                   temperature=temperature)
     assert float(((lp0 - old) * rm)[:, :MIN].abs().min()) > 1e-2
     assert float(((lp0 - old) * rm)[:, MIN:].abs().max()) < 1e-5
+
+
+def test_draw_samples_the_given_distribution():
+    """`draw` (inverse CDF, one uniform per row) against the probabilities it is given: frequencies over
+    200k rows within 5 standard errors, never a token of probability 0, and the global seed reproduces it."""
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.15, 0.0, 0.1, 0.05])
+    logp = probs.log().expand(200_000, -1)
+    torch.manual_seed(0)
+    got = draw(logp)
+    freq = torch.bincount(got, minlength=len(probs)).double() / len(got)
+    se = (probs.double() * (1 - probs.double()) / len(got)).sqrt()
+    assert torch.all((freq - probs.double()).abs() <= 5 * se + 1e-12), f"frequencies {freq.tolist()}"
+    assert freq[1] == 0 and freq[4] == 0
+    torch.manual_seed(0)
+    assert torch.equal(draw(logp[:100]), got[:100])
+    # a single row over a large vocabulary whose mass sits on its last token (the end of the CDF)
+    last = torch.full((1, 50_000), -float("inf"))
+    last[0, -1] = 0.0
+    assert int(draw(last)) == 49_999
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (5, 1.0), (20, 0.5), (0, 0.0), (1, 1.0)])
+def test_top_k_top_p_filter_equals_transformers_warpers(top_k, top_p):
+    """Our filter keeps exactly the tokens that HF's TopKLogitsWarper and TopPLogitsWarper keep."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(3)
+    scores = torch.randn(16, 300) * 3
+    scores[:, 7] = -float("inf")  # an already-masked token (pad) stays masked
+    want = scores.clone()
+    if top_k > 0:
+        want = TopKLogitsWarper(top_k)(None, want)
+    if top_p < 1.0:
+        want = TopPLogitsWarper(top_p)(None, want) if top_p > 0 else want.masked_fill(
+            want < want.max(-1, keepdim=True).values, -float("inf"))  # HF refuses top_p = 0: keep the argmax
+    got = filter_top_k_top_p(scores, top_k, top_p)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.equal(got[~torch.isinf(got)], scores[~torch.isinf(got)])
+
+
+def test_sample_with_top_p_draws_from_the_nucleus_and_reports_its_logprobs(tiny_model):
+    """The guide's settings (top-p, top-k, temperature): every sampled token lies in the nucleus that the
+    same filter computes from a full forward pass, and its log-prob is that of the filtered distribution."""
+    tok, model = _load(tiny_model("tldr", eos_logit=3.0))
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    queries = _queries(tok, "tldr", [7, 15, 4, 11, 9, 13])
+    torch.manual_seed(2)
+    out = sample(model, queries, max_new_tokens=10, min_new_tokens=2, eos_id=eos, pad_id=pad, temperature=0.8,
+                 top_k=40, top_p=0.6)
+    assert len({len(t) for t in out.tokens}) >= 2, "rows of different lengths (some leave the batch early)"
+    for q, t, lps in zip(queries, out.tokens, out.logprobs):
+        ids = torch.tensor([q + t])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(q) - 1: len(q) + len(t) - 1].float() / 0.8
+        logits[:, pad] = -float("inf")
+        logits[:2, eos] = -float("inf")
+        logp = torch.log_softmax(filter_top_k_top_p(logits, 40, 0.6), -1)
+        chosen = logp.gather(-1, torch.tensor(t)[:, None]).squeeze(-1)
+        assert torch.isfinite(chosen).all(), "a token outside the nucleus was sampled"
+        torch.testing.assert_close(chosen, torch.tensor(lps), atol=1e-4, rtol=0)
+        assert int(torch.isfinite(logp).sum(-1).min()) < 40, "the nucleus really cuts the vocabulary here"
 
 
 def test_sample_with_forced_prefix_counts_toward_min_new_tokens(tiny_model):
@@ -754,9 +816,9 @@ def test_bad_kl_estimator_fails_before_any_work(tiny_model, tmp_path):
 
 
 def test_sample_with_prefixes_of_different_lengths_stays_inside_the_positions(tiny_model):
-    """generate runs every row for the longest remaining budget: a long forced prefix next to an empty one
-    would run past a small model's positions (the embedded TL;DR model: 256 + 50 of 320). `sample` splits
-    such batches; the log-probs still equal the training forward's."""
+    """A long forced prefix next to an empty one: a batch run for the longest remaining budget would go past a
+    small model's positions (the embedded TL;DR model: 256 + 50 of 320). `sample` stops every row at its own
+    budget, so no position is ever past the limit; the log-probs still equal the training forward's."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = load_tokenizer(tiny_model("tldr"))
