@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -55,8 +54,23 @@ class Args:
     """write all results as JSON here"""
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _status_mib(key: str) -> float:
+    """VmRSS (resident now) or VmHWM (the resident high-water mark) of this process, from /proc."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def _reset_peak() -> bool:
+    """Start a new high-water mark from the memory resident now (Linux: clear_refs 5); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _sync(device):
@@ -81,7 +95,15 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str) ->
     task = get_task(task_name)
     data_dir = os.environ.get("RLGF_DATA_DIR")
     em = embedded_models(task, data_dir)  # built (or loaded) before the baseline is read
-    base_rss = _rss_mib()
+    load_causal_lm(em.policy, load_tokenizer(em.policy), "cpu")  # imports the model classes; the model is dropped
+    import gc
+
+    gc.collect()
+    # the baseline: what is resident now (imports, data of the process so far); the peak is the script's own
+    # high-water mark above it (ru_maxrss would keep an earlier, higher mark and hide the script's)
+    base_rss = _status_mib("VmRSS")
+    if not _reset_peak():
+        base_rss = _status_mib("VmHWM")
 
     # ---- 1. the real script, a few iterations, evaluation only at start and end ----------------------
     mod = importlib.import_module(algo)
@@ -107,7 +129,7 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str) ->
         mod.main(args)
     finally:
         mod.sample, guides_mod.sample = saved
-    peak = _rss_mib() - base_rss  # the script's own high-water mark, before the floor loads its own copies
+    peak = _status_mib("VmHWM") - base_rss  # the script's own high-water mark, before the floor loads its copies
     rows = [json.loads(l) for l in (Path(out_dir) / "bench" / "metrics.jsonl").read_text().splitlines()]
     it_rows = [r for r in rows if "time/iteration" in r][1:]  # drop the warm-up iteration
     mean = lambda k: float(np.mean([r.get(k, 0.0) for r in it_rows]))  # noqa: E731

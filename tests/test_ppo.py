@@ -359,6 +359,80 @@ def test_used_columns_drop_only_padding_and_change_no_result(tiny_model):
                                    critic(qi[mb], qm[mb], ri[mb], rm[mb])[:, t], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_packed_forward_equals_padded_forward(tiny_model, temperature):
+    """The rows' real tokens packed end to end in one row give the padded batch's log-probs, entropies,
+    values and gradients: no token attends across rows, positions restart per row, the EOS mask counts
+    response positions per row."""
+    path = tiny_model("commongen", eos_logit=4.6)
+    tok, policy, _, critic = _policy_ref_critic(path)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    queries = _queries(tok, "commongen", [12, 3, 7, 15, 5, 9])
+    # EOS ends the rows long enough to end (min_new_tokens 5); the short ones stop without it
+    responses = [[5 + i] * (n - 1) + ([eos] if n > 5 else [40]) for i, n in enumerate([9, 2, 4, 20, 3, 6])]
+    qi, qm = left_pad(queries, pad)
+    ri, rm = right_pad(responses, pad)
+    out = {}
+    for pack in (False, True):
+        policy.zero_grad(), critic.zero_grad()
+        lp, ent = forward_response(policy, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=5,
+                                   temperature=temperature, with_entropy=True, pack=pack)
+        v = critic(qi, qm, ri, rm, pack=pack)
+        ((lp * rm).sum() + (v * rm).sum()).backward()
+        grads = [p.grad.clone() for p in list(policy.parameters()) + list(critic.parameters()) if p.grad is not None]
+        out[pack] = (lp, ent * rm, v * rm, grads)
+    (lp0, e0, v0, g0), (lp1, e1, v1, g1) = out[False], out[True]
+    assert torch.isfinite(lp0).all()
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(e1, e0, atol=1e-4, rtol=0)
+    torch.testing.assert_close(v1, v0, atol=1e-5, rtol=0)
+    assert torch.all(lp1[rm == 0] == 0) and torch.all(v1[rm == 0] == 0)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    # the EOS mask really is applied per row: without it the early EOS log-probs differ
+    lp_nomask, _ = forward_response(policy, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=0,
+                                    temperature=temperature, pack=True)
+    assert float((lp_nomask - lp1).detach()[:, :5].abs().max()) > 1e-2
+
+
+def test_packing_falls_back_to_padding_where_the_model_ignores_packed_positions(tiny_model):
+    """A model whose attention does not split packed rows (here: one that drops the position ids) fails the
+    one-time check, and forward_response pads instead: the result is still the padded batch's."""
+    import common.generation as gen
+
+    path = tiny_model("commongen", eos_logit=4.6)
+    tok, policy, _, _ = _policy_ref_critic(path)
+
+    class NoPositions(type(policy)):
+        def forward(self, *args, position_ids=None, **kw):
+            return super().forward(*args, **kw)
+
+    blind = NoPositions(policy.config)
+    blind.load_state_dict(policy.state_dict())
+    blind.eval()
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    assert gen.packing_works(policy) and not gen.packing_works(blind)
+    queries = _queries(tok, "commongen", [3, 4, 2, 5])
+    ri, rm = right_pad([[7, 8], [9], [10, 11, 12], [13]], pad)
+    qi, qm = left_pad(queries, pad)
+    with torch.no_grad():
+        auto, _ = forward_response(blind, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=0)
+        padded, _ = forward_response(blind, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=0, pack=False)
+    torch.testing.assert_close(auto, padded, atol=0, rtol=0)
+
+
+def test_packing_pays_for_short_uneven_rows_not_for_long_prompts():
+    from common.generation import packing_pays
+
+    short = torch.zeros(16, 38, dtype=torch.long)  # CommonGen-like: 16 rows of 12-37 real tokens in 38 columns
+    for i in range(16):
+        short[i, : 12 + (25 * i) // 15] = 1
+    long = torch.ones(8, 300, dtype=torch.long)  # TL;DR-like: 8 rows of ~290 tokens
+    long[:, 290:] = 0
+    assert packing_pays(short, 256) and not packing_pays(long, 256)
+
+
 # ---------------------------------------------------------------------------------------------------
 # 5. KL estimators
 # ---------------------------------------------------------------------------------------------------

@@ -139,6 +139,47 @@ def test_cider_identical_beats_unrelated_and_is_batch_independent():
     assert CiderDReward()(CG_PROMPTS, good, CG_REFS) == pytest.approx(scores)
 
 
+def _library_document_frequency(corpus):
+    """pycocoevalcap's own count: a CiderScorer fed the corpus, then compute_doc_freq."""
+    from pycocoevalcap.cider.cider_scorer import CiderScorer
+
+    scorer = CiderScorer(n=4, sigma=6.0)
+    for refs in corpus:
+        scorer += (None, [R.coco_tokenize(r) for r in refs])
+    scorer.compute_doc_freq()
+    return dict(scorer.document_frequency)
+
+
+@needs_data
+def test_compact_document_frequencies_equal_the_librarys_and_give_the_same_cider():
+    """The compact table holds the library's document frequency for every n-gram of the CommonGen training
+    references, 0 for n-grams it never saw, and CIDEr-D through it equals CIDEr-D through the library's dict."""
+    from common.tasks import get_task
+
+    train = get_task("commongen").load("train", str(DATA_DIR))
+    corpus = [e.references for e in train]
+    lib = _library_document_frequency(corpus)
+    df = R.DocumentFrequencies(corpus)
+    assert len(df) == len(lib) > 1000 and df.n_documents == len(corpus)
+    assert all(df[g] == c for g, c in lib.items())
+    assert df[("qzxv", "wqpl")] == 0.0 and df[("qzxv",)] == 0.0
+    ours = CiderDReward(reference_corpus=corpus)
+    _, fixed = R._cider_scorer_class()
+
+    class LibraryCounts(dict):
+        def __missing__(self, key):
+            return 0.0
+
+    val = train[:40]
+    responses = [e.references[0] for e in val[:20]] + [" a dog runs in the park with a ball"] * 20
+    scorer = fixed(LibraryCounts(lib), len(corpus), n=4, sigma=6.0)
+    for r, e in zip(responses, val):
+        scorer += (R.coco_tokenize(r), [R.coco_tokenize(x) for x in e.references])
+    want = scorer.compute_score()[1]
+    got = ours([e.prompt for e in val], responses, [e.references for e in val])
+    assert got == pytest.approx(list(want), abs=1e-9) and max(got) > 0.5
+
+
 def test_cider_tokenisation_ignores_case_and_punctuation():
     reward = CiderDReward(reference_corpus=CG_REFS)
     a = reward(CG_PROMPTS[:1], ["a dog runs across the park to catch a ball"], CG_REFS[:1])
