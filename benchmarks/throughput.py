@@ -6,7 +6,8 @@ models and batch shapes, measures the compute floor of the same work:
 
 - the bare `generate` calls that produce the same number of tokens (the guide's too, for guided algorithms),
   counted from the script's own sampling calls: a guide roll-in is generated in full before the switch point
-  can be drawn (SPEC section 2), so all of its tokens count, not only the prefix that is kept,
+  can be drawn (SPEC section 2), so all of its tokens count, not only the prefix that is kept; the learner's
+  with its full distribution, the guide's with its own top-k / top-p (its nucleus is part of its work),
 - one no-grad forward of the reference model over the batch,
 - the reward computation alone,
 - n_epochs forward and backward passes of the trained model(s) (policy and critic) over the same tokens.
@@ -156,6 +157,11 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str) ->
         _sync(device)
         return time.time() - t0, r
 
+    # the learner samples from its full distribution; a model guide with its own settings (SPEC: top-p 0.92,
+    # IMDB also top-k 50), so its floor is `generate` with those settings: the nucleus is part of its work
+    settings = {"learner": dict(top_k=0, top_p=1.0),
+                "guide": dict(top_k=preset["guide_top_k"], top_p=preset["guide_top_p"])}
+
     def bare_generate(model, role):
         """Bare `generate` calls producing the tokens the script's calls of `role` produced per iteration:
         same number of calls, rows per call and new tokens per row (all rows run the mean length)."""
@@ -167,7 +173,7 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str) ->
         if new < 1:
             return 0.0
         t, _ = timed(lambda: model.generate(input_ids=qi[:rows], attention_mask=qm[:rows], max_new_tokens=new,
-                                            min_new_tokens=new, **gen_kwargs))
+                                            min_new_tokens=new, **{**gen_kwargs, **settings[role]}))
         return t * n_calls
 
     with torch.no_grad():
