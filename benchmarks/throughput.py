@@ -49,6 +49,9 @@ class Args:
     """iterations per run; the first is a warm-up and is not counted"""
     device: str = "auto"
     """auto, cpu or cuda"""
+    floor_repeats: int = 3
+    """each part of the floor is timed this many times and its median counts (one slow call on a shared
+    machine would otherwise lower the ratio)"""
     one: str | None = None
     """internal: 'task:algo' runs one measurement in this process and prints JSON"""
     json_out: str | None = None
@@ -81,7 +84,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure_one(task_name: str, algo: str, iterations: int, device_name: str) -> dict:
+def measure_one(task_name: str, algo: str, iterations: int, device_name: str, floor_repeats: int = 3) -> dict:
     import numpy as np
     import torch
 
@@ -151,11 +154,14 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str) ->
     gen_kwargs = dict(do_sample=True, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
 
     def timed(fn):
-        _sync(device)
-        t0 = time.time()
-        r = fn()
-        _sync(device)
-        return time.time() - t0, r
+        times = []
+        for _ in range(max(1, floor_repeats)):
+            _sync(device)
+            t0 = time.time()
+            r = fn()
+            _sync(device)
+            times.append(time.time() - t0)
+        return float(np.median(times)), r
 
     # the learner samples from its full distribution; a model guide with its own settings (SPEC: top-p 0.92,
     # IMDB also top-k 50), so its floor is `generate` with those settings: the nucleus is part of its work
@@ -218,13 +224,14 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str) ->
 def main(args: Args):
     if args.one:
         task, algo = args.one.split(":")
-        print("RESULT " + json.dumps(measure_one(task, algo, args.iterations, args.device)), flush=True)
+        print("RESULT " + json.dumps(measure_one(task, algo, args.iterations, args.device, args.floor_repeats)),
+              flush=True)
         return
     results = []
     for task in args.tasks:
         for algo in args.algos:
             cmd = [sys.executable, __file__, "--one", f"{task}:{algo}", "--iterations", str(args.iterations),
-                   "--device", args.device]
+                   "--device", args.device, "--floor-repeats", str(args.floor_repeats)]
             res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
             if res.returncode or not line:
