@@ -45,8 +45,9 @@ def return_freed_memory(threshold: int = 4 * 1024 * 1024):
     fragments and never shrinks (IMDB PPO once peaked at 1324 MiB RSS that way). A fixed threshold maps every
     block above it afresh and unmaps it when freed. 4 MiB, not lower: each fresh mapping is page-faulted in
     again, and at 256 KiB the activations of every layer went that way, a quarter of the CPU time in the
-    kernel. PPO, 3 iterations, 256 KiB -> 4 MiB: IMDB 5.70 -> 3.92 s an iteration (peak RSS 799 -> 918 MiB),
-    CommonGen 1.69 -> 1.29 s (739 -> 775 MiB), TL;DR 8.09 -> 5.89 s (841 -> 1033 MiB). No-op off glibc."""
+    kernel. PPO, mean of iterations 2-4, 256 KiB -> 4 MiB: IMDB 5.70 -> 3.92 s an iteration (peak RSS
+    799 -> 918 MiB), CommonGen 1.69 -> 1.29 s (739 -> 775 MiB), TL;DR 8.09 -> 5.89 s (841 -> 1033 MiB).
+    No-op off glibc."""
     if not sys.platform.startswith("linux"):
         return
     try:
