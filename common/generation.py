@@ -75,6 +75,17 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def mask_pad_and_early_eos_(scores: torch.Tensor, response_pos: torch.Tensor, min_new_tokens: int, eos_id: int,
+                            pad_id: int) -> torch.Tensor:
+    """The sampling masks, in place on logits [N, V] whose rows score a token at `response_pos` [N] of its
+    response (forced prefix included): pad is never sampled, EOS not before `min_new_tokens`. `sample` and the
+    packed training forward both use it; the padded forward adds the same masks as `response_logits_bias`."""
+    scores[:, pad_id] = -float("inf")
+    if min_new_tokens > 0:
+        scores[response_pos < min_new_tokens, eos_id] = -float("inf")
+    return scores
+
+
 @dataclass
 class Sampled:
     tokens: list[list[int]]
@@ -176,9 +187,7 @@ def sample(model, queries: list[list[int]], *, max_new_tokens: int, min_new_toke
     for step in range(steps):
         with _autocast(dev):
             logits = model(input_ids=inputs, attention_mask=mask, position_ids=pos, **kw).logits[:, -1]
-        scores = logits.float() / temperature
-        scores[:, pad_id] = -float("inf")
-        scores[done_len < min_new_tokens, eos_id] = -float("inf")
+        scores = mask_pad_and_early_eos_(logits.float() / temperature, done_len, min_new_tokens, eos_id, pad_id)
         logp = torch.log_softmax(filter_top_k_top_p(scores, top_k, top_p), dim=-1)
         new = draw(logp)
         out_tok[row_idx, step] = new
@@ -300,12 +309,12 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
         with _autocast(ids.device):
             # the LM head only where a real response token is scored
             logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep).logits[0]
-        # temperature and fp32 in one copy; then the sampling masks in place (pad always, EOS too early)
-        logits = logits.float() / temperature if temperature != 1.0 else logits.float().clone()
-        logits[:, pad_id] = -float("inf")
-        if min_new_tokens > 0:
-            logits[t_pos < min_new_tokens, eos_id] = -float("inf")
-        logp_all = torch.log_softmax(logits, dim=-1)
+        # fp32 and temperature, then the sampling masks in place: the LM head's backward does not need its
+        # output, so in fp32 no copy is made at all
+        logits = logits.float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        logp_all = torch.log_softmax(mask_pad_and_early_eos_(logits, t_pos, min_new_tokens, eos_id, pad_id), dim=-1)
         del logits
         real = response_mask.bool()
         picked = logp_all.gather(-1, response_ids[real][:, None]).squeeze(-1)
