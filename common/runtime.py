@@ -39,15 +39,22 @@ def quiet_libraries():
 # ---------------------------------------------------------------------------------------------------
 # devices, torchrun, seeds
 # ---------------------------------------------------------------------------------------------------
-def return_freed_memory(threshold: int = 4 * 1024 * 1024):
-    """Make glibc hand large freed blocks back to the OS. By default its mmap threshold grows after the first
-    large free, so the transient [batch, length, vocab] tensors of every iteration end up in a heap that
-    fragments and never shrinks (IMDB PPO once peaked at 1324 MiB RSS that way). A fixed threshold maps every
-    block above it afresh and unmaps it when freed. 4 MiB, not lower: each fresh mapping is page-faulted in
-    again, and at 256 KiB the activations of every layer went that way, a quarter of the CPU time in the
-    kernel. PPO, mean of iterations 2-4, 256 KiB -> 4 MiB: IMDB 5.70 -> 3.92 s an iteration (peak RSS
-    799 -> 918 MiB), CommonGen 1.69 -> 1.29 s (739 -> 775 MiB), TL;DR 8.09 -> 5.89 s (841 -> 1033 MiB).
-    No-op off glibc."""
+def return_freed_memory(threshold: int = 32 * 1024 * 1024):
+    """Fix glibc's mmap threshold at 32 MiB (its largest), so that the tensors of an iteration, whose sizes
+    repeat every minibatch, come from the heap and are reused there.
+
+    - A block above the threshold is mapped afresh and page-faulted in at every use, and in a VM a fault
+      costs microseconds. At 256 KiB a quarter of the CPU time went to the kernel (66 million faults in one
+      5-minute TL;DR run); at 4 MiB the [tokens, vocab] logits and the embedding's gradient still went that
+      way (CommonGen PPO: 735k faults in 6 iterations, 272k at 32 MiB).
+    - Fixed, not glibc's default: that raises the threshold as large blocks are freed, and its heap
+      fragmented and never shrank (IMDB PPO once peaked at 1324 MiB RSS).
+
+    PPO, mean of iterations 2-4 (2-6 for CommonGen), the benchmark's peak above imports, 4 -> 32 MiB, pairs
+    run back to back: IMDB 4.26 -> 3.89-3.93 s an iteration (549 -> 620-633 MiB), CommonGen 1.60 -> 1.40 s
+    (399 -> 447 MiB, faults 735k -> 272k), TL;DR 6.73 -> 6.21 s (602 -> 667 MiB). Speed for memory: the
+    heap keeps what the largest minibatch needed. Earlier, 256 KiB -> 4 MiB: IMDB 5.70 -> 3.92 s, CommonGen
+    1.69 -> 1.29 s, TL;DR 8.09 -> 5.89 s. No-op off glibc."""
     if not sys.platform.startswith("linux"):
         return
     try:
