@@ -327,12 +327,13 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
         return logprobs, entropy
     ids = torch.cat([query_ids, response_ids], dim=1)
     mask = torch.cat([query_mask, response_mask], dim=1)
+    P = query_ids.shape[1]
+    scored = torch.arange(P - 1, P + T - 1, device=ids.device)  # the position before each response token
     with _autocast(ids.device):
-        # the LM head only where a response token is scored (positions P-1 .. P+T-2): on long prompts most
-        # of the head's work would otherwise be thrown away
+        # the LM head only where a response token is scored: on long prompts most of its work would otherwise
+        # be thrown away (and slicing its output would cost a [B, T + 1, V] zero-filled copy in backward)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
-                       logits_to_keep=T + 1).logits
-    logits = logits[:, -(T + 1):-1]
+                       logits_to_keep=scored).logits
     bias = response_logits_bias(T, logits.shape[-1], min_new_tokens, eos_id, pad_id, logits.device)
     # one [B, T, V] copy does temperature, masks and fp32 (bf16 logits promote) at once: the logits are the
     # largest tensors of the update
