@@ -45,8 +45,9 @@ class Args:
     """tasks to measure"""
     algos: list[str] = field(default_factory=lambda: list(ALGOS))
     """algorithms to measure"""
-    iterations: int = 4
-    """iterations per run; the first is a warm-up and is not counted"""
+    iterations: int = 6
+    """iterations per run; the first is a warm-up and is not counted, each phase of the others counts by its
+    median"""
     device: str = "auto"
     """auto, cpu or cuda"""
     floor_repeats: int = 3
@@ -136,10 +137,12 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
     peak = _status_mib("VmHWM") - base_rss  # the script's own high-water mark, before the floor loads its copies
     rows = [json.loads(l) for l in (Path(out_dir) / "bench" / "metrics.jsonl").read_text().splitlines()]
     it_rows = [r for r in rows if "time/iteration" in r][1:]  # drop the warm-up iteration
-    mean = lambda k: float(np.mean([r.get(k, 0.0) for r in it_rows]))  # noqa: E731
-    phases = {k.split("/")[1]: mean(k) for k in ("time/iteration", "time/guide_generate", "time/generate",
-                                                 "time/forward", "time/reward", "time/update")}
-    resp_len = mean("train/response_length")
+    # the median of the counted iterations, like the floor's median of its repeats: on a shared machine a slow
+    # iteration would otherwise count against the script and a slow floor call would not count at all
+    median = lambda k: float(np.median([r.get(k, 0.0) for r in it_rows]))  # noqa: E731
+    phases = {k.split("/")[1]: median(k) for k in ("time/iteration", "time/guide_generate", "time/generate",
+                                                   "time/forward", "time/reward", "time/update")}
+    resp_len = float(np.mean([r["train/response_length"] for r in it_rows]))
 
     # ---- 2. the compute floor of the same work, same models and shapes ----------------------------------
     _, _, device = rt.setup_device(device_name)
