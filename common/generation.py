@@ -225,7 +225,7 @@ def response_logits_bias(T: int, vocab: int, min_new_tokens: int, eos_id: int, p
 
 
 # ---------------------------------------------------------------------------------------------------
-# packed sequences: the rows' real tokens end to end in one row, positions restarting at 0 for each
+# packed sequences: the rows' real tokens end to end in a few rows, positions restarting at 0 for each
 # ---------------------------------------------------------------------------------------------------
 _PACKING_WORKS: dict = {}
 
@@ -235,80 +235,144 @@ def _base(model):
 
 
 def packing_works(model) -> bool:
-    """Whether this model class reads packed sequences correctly: with no attention mask and no cache, HF's
-    mask builder (transformers.masking_utils) starts a new causal block wherever the position ids do not
-    step by 1. Checked once per class and attention kernel on two short rows, packed against one by one;
-    where it does not hold the rows are padded instead."""
+    """Whether this model class reads packed rows correctly: with no attention mask and no cache, HF's mask
+    builder (transformers.masking_utils) starts a new causal block wherever the position ids do not step by 1,
+    in every row of the batch; and a causal LM's logits are its output embeddings applied to its last hidden
+    state (so the LM head can run on the scored positions of several packed rows). Checked once per class and
+    attention kernel on three short sequences in two packed rows against one by one; where it does not hold
+    (a model that ignores the position ids, soft-capped or scaled logits) the rows are padded instead."""
     base = _base(model)
     key = (type(base), getattr(base.config, "_attn_implementation", None))
     if key not in _PACKING_WORKS:
         dev = next(base.parameters()).device
         vocab = base.get_input_embeddings().num_embeddings
-        a, b = torch.tensor([[3, 5, 7]], device=dev) % vocab, torch.tensor([[11, 13]], device=dev) % vocab
-        def out(**kw):  # a causal LM's logits, or a backbone's hidden states (the critic's)
-            o = base(use_cache=False, **kw)
-            return (o.logits if getattr(o, "logits", None) is not None else o.last_hidden_state)[0].float()
+        seqs = [torch.tensor(s, device=dev) % vocab for s in ([3, 5, 7], [11, 13], [17, 19, 23, 29])]
+
+        def out(ids, pos=None):  # a causal LM's logits read as forward_response reads them, or a backbone's states
+            o = base(input_ids=ids, position_ids=pos, use_cache=False, output_hidden_states=True)
+            head = base.get_output_embeddings() if getattr(o, "logits", None) is not None else None
+            return (head(o.hidden_states[-1]) if head is not None else o.last_hidden_state).float()
 
         with torch.no_grad():
-            one = [out(input_ids=x) for x in (a, b)]
-            packed = out(input_ids=torch.cat([a, b], 1), position_ids=torch.tensor([[0, 1, 2, 0, 1]], device=dev))
-        _PACKING_WORKS[key] = bool(torch.allclose(packed, torch.cat(one), atol=1e-4, rtol=1e-4))
+            one = [out(s[None])[0] for s in seqs]
+            ids = torch.stack([torch.cat([seqs[0], seqs[1]]), torch.cat([seqs[2], seqs[2][:1]])])
+            pos = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]], device=dev)
+            packed = out(ids, pos)
+            reference = base(input_ids=seqs[2][None], use_cache=False)
+            plain = (reference.logits if getattr(reference, "logits", None) is not None
+                     else reference.last_hidden_state)[0].float()
+        close = lambda a, b: bool(torch.allclose(a, b, atol=1e-4, rtol=1e-4))  # noqa: E731
+        _PACKING_WORKS[key] = (close(packed[0], torch.cat(one[:2])) and close(packed[1, :4], one[2])
+                               and close(one[2], plain))
     return _PACKING_WORKS[key]
 
 
-def packing_pays(mask: torch.Tensor, hidden_size: int) -> bool:
-    """Whether one packed row of the real tokens costs less than the padded [B, W] batch: the linear layers
-    cost per token, attention per pair of tokens at about 1/(6 * hidden) of a token's cost, and one packed row
-    attends over all its N tokens (N^2 pairs) where the padded batch has B * W^2. Short rows of uneven
-    lengths (CommonGen) pack; long prompts (TL;DR) stay padded."""
+def packed_rows(lengths: list[int], n_rows: int) -> list[list[int]]:
+    """The rows (their indices) in `n_rows` packed rows, longest first into the shortest packed row so far, so
+    the longest packed row stays close to the mean."""
+    import heapq
+
+    heap, groups = [(0, g) for g in range(n_rows)], [[] for _ in range(n_rows)]
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        total, g = heapq.heappop(heap)
+        groups[g].append(i)
+        heapq.heappush(heap, (total + lengths[i], g))
+    return [g for g in groups if g]
+
+
+def packing_layout(mask: torch.Tensor, hidden_size: int) -> list[list[int]] | None:
+    """The cheapest way to run the batch: None for the padded [B, W] batch, else the rows of each packed row.
+    A batch of R rows of width W costs R * W * (1 + W / (6 * hidden)): the linear layers per position,
+    attention per pair of positions at about 1/(6 * hidden) of a position's cost (SDPA computes every pair of a
+    row, masked or not). One packed row of short uneven rows saves their padding but pays attention over all
+    its tokens; a few packed rows of about equal length save both (CommonGen). Long rows stay padded: packing
+    must save at least 5% (its bookkeeping is not free, and the model is a model)."""
     B, W = mask.shape
-    n = float(mask.sum())
+    lengths = mask.sum(1).tolist()
     r = 1.0 / (6 * hidden_size)
-    return n + n * n * r < B * W + B * W * W * r
+    best, best_cost = None, 0.95 * B * W * (1 + W * r)
+    for k in sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, B}):
+        if k > B:
+            continue
+        groups = packed_rows(lengths, k)
+        width = max(sum(lengths[i] for i in g) for g in groups)
+        cost = len(groups) * width * (1 + width * r)
+        if cost < best_cost:
+            best, best_cost = groups, cost
+    return best
 
 
-def _pack(query_ids, query_mask, response_ids, response_mask):
-    """(ids [1, N], positions [1, N], keep [K], response_pos [K]): the real tokens of every row end to end,
-    each row's positions from 0; `keep` indexes the packed position whose output scores / values each real
-    response token (the one before it), in the row-major order of response_mask; `response_pos` is that
-    token's position in its response."""
+def _pack(query_ids, query_mask, response_ids, response_mask, groups: list[list[int]]):
+    """(ids [R, L], positions [R, L], keep [K], response_pos [K]): the real tokens of each group of rows end to
+    end in one of R rows, each row's positions from 0, filled up to the longest with tokens at position 0 that
+    come after every real token (so nothing real attends to them). `keep` indexes the flattened [R * L]
+    position whose output scores / values each real response token (the one before it), in the row-major
+    order of response_mask; `response_pos` is that token's position in its response."""
     ids = torch.cat([query_ids, response_ids], dim=1)
     mask = torch.cat([query_mask, response_mask], dim=1).bool()
-    flat_index = (mask.flatten().cumsum(0) - 1).view(mask.shape)  # packed index of each real token
-    P = query_ids.shape[1]
+    lengths = mask.sum(1).tolist()
+    start, width = [0] * len(lengths), 0
+    for g, rows in enumerate(groups):
+        offset = 0
+        for i in rows:
+            start[i] = offset
+            offset += lengths[i]
+        width = max(width, offset)
+    for g, rows in enumerate(groups):
+        for i in rows:
+            start[i] += g * width
+    pos = position_ids(mask)
+    dest = torch.tensor(start, device=ids.device)[:, None] + pos  # flat packed index of each real token
+    flat_ids = torch.zeros(len(groups) * width, dtype=ids.dtype, device=ids.device)
+    flat_pos = torch.zeros_like(flat_ids)
+    flat_ids[dest[mask]] = ids[mask]
+    flat_pos[dest[mask]] = pos[mask]
     real = response_mask.bool()
-    keep = (flat_index[:, P:] - 1)[real]
+    P = query_ids.shape[1]
+    keep = (dest[:, P:] - 1)[real]
     response_pos = torch.arange(response_ids.shape[1], device=ids.device).expand_as(real)[real]
-    return ids[mask][None], position_ids(mask)[mask][None], keep, response_pos
+    return flat_ids.view(len(groups), width), flat_pos.view(len(groups), width), keep, response_pos
 
 
-def _use_packing(model, query_mask, response_mask, pack) -> bool:
-    if pack is not None:
-        return pack
+def _layout(model, query_mask, response_mask, pack) -> list[list[int]] | None:
+    """`pack`: None = the cheapest layout the model supports, False = padded, True = packed (the cheapest packed
+    layout), an int k = exactly k packed rows."""
+    if pack is False:
+        return None
     mask = torch.cat([query_mask, response_mask], dim=1)
+    lengths = mask.sum(1).tolist()
+    if pack is not None and pack is not True:
+        return packed_rows(lengths, int(pack))
+    if pack is None and (mask.shape[0] == 1 or not packing_works(model)):
+        return None
     cfg = _base(model).config
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 768
-    return mask.shape[0] > 1 and packing_pays(mask, hidden) and packing_works(model)
+    groups = packing_layout(mask, getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 768)
+    return groups if groups is not None or pack is None else packed_rows(lengths, 1)
 
 
 def forward_response(model, query_ids, query_mask, response_ids, response_mask, *, eos_id: int, pad_id: int,
                      min_new_tokens: int, temperature: float = 1.0, with_entropy: bool = False,
-                     pack: bool | None = None):
+                     pack: bool | int | None = None):
     """Training-time forward over [left-padded query | right-padded response].
 
     Returns log pi(y_t | x, y_<t) for every response position [B, T] (logits shifted by one: the logit
     at the position before y_t scores y_t), and the per-token entropy when asked. Padding positions hold
     0 and must be masked by the caller.
 
-    `pack`: run the rows' real tokens as one packed row instead of the padded batch (same numbers, no
-    padding computed); None packs where that costs less (`packing_pays`) and the model supports it.
+    `pack`: run the rows' real tokens in a few packed rows instead of the padded batch (same numbers, no
+    padding computed); None picks the cheaper layout (`packing_layout`) where the model supports packing
+    (`packing_works`), False pads, True packs, an int k packs into exactly k rows.
     """
     B, T = response_ids.shape
-    if _use_packing(model, query_mask, response_mask, pack):
-        ids, pos, keep, t_pos = _pack(query_ids, query_mask, response_ids, response_mask)
+    groups = _layout(model, query_mask, response_mask, pack)
+    if groups is not None:
+        ids, pos, keep, t_pos = _pack(query_ids, query_mask, response_ids, response_mask, groups)
         with _autocast(ids.device):
-            # the LM head only where a real response token is scored
-            logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=keep).logits[0]
+            # the LM head only where a real response token is scored: on the last hidden state of those
+            # positions (the model's own head computes one position per row, unused)
+            hidden = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1,
+                           output_hidden_states=True).hidden_states[-1]
+            logits = _base(model).get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[keep])
         # fp32 and temperature, then the sampling masks in place: the LM head's backward does not need its
         # output, so in fp32 no copy is made at all
         logits = logits.float()
@@ -360,15 +424,16 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
 
-    def forward(self, query_ids, query_mask, response_ids, response_mask, pack: bool | None = None):
+    def forward(self, query_ids, query_mask, response_ids, response_mask, pack: bool | int | None = None):
         """V(x, y_<t) for every response position t: the state before token t is read at the position
         of the previous token, like the logits. [B, T]. `pack` as in `forward_response`."""
         B, T = response_ids.shape
-        if _use_packing(self.backbone, query_mask, response_mask, pack):
-            ids, pos, keep, _ = _pack(query_ids, query_mask, response_ids, response_mask)
+        groups = _layout(self.backbone, query_mask, response_mask, pack)
+        if groups is not None:
+            ids, pos, keep, _ = _pack(query_ids, query_mask, response_ids, response_mask, groups)
             with _autocast(ids.device):
-                hidden = self.backbone(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[0]
-            v = self.head(hidden[keep].float()).squeeze(-1)
+                hidden = self.backbone(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+            v = self.head(hidden.reshape(-1, hidden.shape[-1])[keep].float()).squeeze(-1)
             return torch.zeros((B, T), dtype=v.dtype, device=v.device).masked_scatter(response_mask.bool(), v)
         ids = torch.cat([query_ids, response_ids], dim=1)
         mask = torch.cat([query_mask, response_mask], dim=1)

@@ -359,11 +359,11 @@ def test_used_columns_drop_only_padding_and_change_no_result(tiny_model):
                                    critic(qi[mb], qm[mb], ri[mb], rm[mb])[:, t], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_packed_forward_equals_padded_forward(tiny_model, temperature):
-    """The rows' real tokens packed end to end in one row give the padded batch's log-probs, entropies,
-    values and gradients: no token attends across rows, positions restart per row, the EOS mask counts
-    response positions per row."""
+@pytest.mark.parametrize("temperature,rows", [(1.0, 1), (0.7, 1), (1.0, 2), (0.7, 3)])
+def test_packed_forward_equals_padded_forward(tiny_model, temperature, rows):
+    """The rows' real tokens packed end to end in one, two or three rows give the padded batch's log-probs,
+    entropies, values and gradients: no token attends across rows or to the filler after them, positions
+    restart per row, the EOS mask counts response positions per row, the LM head reads the right positions."""
     path = tiny_model("commongen", eos_logit=4.6)
     tok, policy, _, critic = _policy_ref_critic(path)
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -373,7 +373,7 @@ def test_packed_forward_equals_padded_forward(tiny_model, temperature):
     qi, qm = left_pad(queries, pad)
     ri, rm = right_pad(responses, pad)
     out = {}
-    for pack in (False, True):
+    for pack in (False, rows):
         policy.zero_grad(), critic.zero_grad()
         lp, ent = forward_response(policy, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=5,
                                    temperature=temperature, with_entropy=True, pack=pack)
@@ -381,7 +381,7 @@ def test_packed_forward_equals_padded_forward(tiny_model, temperature):
         ((lp * rm).sum() + (v * rm).sum()).backward()
         grads = [p.grad.clone() for p in list(policy.parameters()) + list(critic.parameters()) if p.grad is not None]
         out[pack] = (lp, ent * rm, v * rm, grads)
-    (lp0, e0, v0, g0), (lp1, e1, v1, g1) = out[False], out[True]
+    (lp0, e0, v0, g0), (lp1, e1, v1, g1) = out[False], out[rows]
     assert torch.isfinite(lp0).all()
     torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
     torch.testing.assert_close(e1, e0, atol=1e-4, rtol=0)
@@ -392,7 +392,7 @@ def test_packed_forward_equals_padded_forward(tiny_model, temperature):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
     # the EOS mask really is applied per row: without it the early EOS log-probs differ
     lp_nomask, _ = forward_response(policy, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=0,
-                                    temperature=temperature, pack=True)
+                                    temperature=temperature, pack=rows)
     assert float((lp_nomask - lp1).detach()[:, :5].abs().max()) > 1e-2
 
 
@@ -422,15 +422,23 @@ def test_packing_falls_back_to_padding_where_the_model_ignores_packed_positions(
     torch.testing.assert_close(auto, padded, atol=0, rtol=0)
 
 
-def test_packing_pays_for_short_uneven_rows_not_for_long_prompts():
-    from common.generation import packing_pays
+def test_packing_layout_packs_short_uneven_rows_into_even_rows_and_pads_long_uniform_ones():
+    from common.generation import packed_rows, packing_layout
 
-    short = torch.zeros(16, 38, dtype=torch.long)  # CommonGen-like: 16 rows of 12-37 real tokens in 38 columns
-    for i in range(16):
-        short[i, : 12 + (25 * i) // 15] = 1
-    long = torch.ones(8, 300, dtype=torch.long)  # TL;DR-like: 8 rows of ~290 tokens
-    long[:, 290:] = 0
-    assert packing_pays(short, 256) and not packing_pays(long, 256)
+    lengths = [12 + (25 * i) // 15 for i in range(16)]  # CommonGen-like: 16 rows of 12-37 real tokens in 38 columns
+    short = torch.zeros(16, 38, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        short[i, :n] = 1
+    groups = packing_layout(short, 256)
+    assert groups is not None and sorted(i for g in groups for i in g) == list(range(16))
+    totals = [sum(lengths[i] for i in g) for g in groups]
+    assert 1 < len(groups) < 16 and max(totals) - min(totals) <= max(lengths)  # a few rows of about equal length
+    # longest first into the shortest: [9, 8, 7, 3, 2, 1] in 2 rows -> 9+3+2+1 | 8+7 (15 each)
+    assert sorted(sorted(g) for g in packed_rows([9, 8, 7, 3, 2, 1], 2)) == [[0, 3, 4, 5], [1, 2]]
+    long = torch.ones(8, 300, dtype=torch.long)  # TL;DR-like: 8 rows of 230-300 tokens
+    for i in range(1, 8):
+        long[i, 300 - 10 * i:] = 0
+    assert packing_layout(long, 256) is None
 
 
 # ---------------------------------------------------------------------------------------------------
