@@ -12,6 +12,9 @@ models and batch shapes, measures the compute floor of the same work:
 - the reward computation alone,
 - n_epochs forward and backward passes of the trained model(s) (policy and critic) over the same tokens.
 
+The batch of the last three is the script's own last one (its prompts and responses, as its reference forward
+saw them), so uneven lengths cost the floor what they cost the script.
+
 It prints per iteration: wall time split into phases, generated tokens per second, peak memory, and the
 ratio iteration time / floor (the figure we track). Each (task, algorithm) runs in its own subprocess so
 peak memory is its own.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,7 +95,7 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
 
     import common.guides as guides_mod
     from common import runtime as rt
-    from common.generation import decode, forward_response, left_pad
+    from common.generation import decode, forward_response, left_pad, used_columns
     from common.models import embedded_models, load_causal_lm, load_tokenizer
     from common.presets import EMBEDDED
     from common.tasks import get_task
@@ -120,22 +124,41 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
     # count what every training-time `sample` call generates (rows, new tokens): the learner's in the script,
     # the model guide's in common.guides (evaluation samples through common.runtime and is not counted)
     calls = {"learner": [], "guide": []}
+    prompts: list = []  # the prompts of the script's last full-batch learner call: the floor runs on them
 
     def counting(fn, role):
         def wrapped(model, queries, **kw):
             out = fn(model, queries, **kw)
             calls[role].append((len(queries), sum(len(t) for t in out.tokens)))
+            if role == "learner" and len(queries) == EMBEDDED[task_name]["rollouts_per_iteration"]:
+                prompts[:] = [list(q) for q in queries]
             return out
         return wrapped
 
-    saved = mod.sample, guides_mod.sample
+    # the tokens the script trains on: the last full batch its reference forward scored (no grad)
+    trained: dict = {}
+
+    def recording(fn):
+        def wrapped(model, query_ids, query_mask, response_ids, response_mask, **kw):
+            if not torch.is_grad_enabled() and len(query_ids) == EMBEDDED[task_name]["rollouts_per_iteration"]:
+                trained.update(qi=query_ids.clone(), qm=query_mask.clone(), ri=response_ids.clone(),
+                               rm=response_mask.clone())
+            return fn(model, query_ids, query_mask, response_ids, response_mask, **kw)
+        return wrapped
+
+    saved = mod.sample, guides_mod.sample, mod.forward_response
     mod.sample, guides_mod.sample = counting(saved[0], "learner"), counting(saved[1], "guide")
+    mod.forward_response = recording(saved[2])
     try:
         mod.main(args)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     finally:
-        mod.sample, guides_mod.sample = saved
+        mod.sample, guides_mod.sample, mod.forward_response = saved
     peak = _status_mib("VmHWM") - base_rss  # the script's own high-water mark, before the floor loads its copies
     rows = [json.loads(l) for l in (Path(out_dir) / "bench" / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out_dir, ignore_errors=True)  # its checkpoints: ~200 MiB a run, 15 runs a benchmark
     it_rows = [r for r in rows if "time/iteration" in r][1:]  # drop the warm-up iteration
     # the median of the counted iterations, like the floor's median of its repeats: on a shared machine a slow
     # iteration would otherwise count against the script and a slow floor call would not count at all
@@ -151,8 +174,9 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
     ref = load_causal_lm(em.policy, tok, device)
     critic = rt.make_critic(em.policy, tok, device)
     B = preset["rollouts_per_iteration"]
-    train = task.load("train", data_dir, limit=B)
-    queries = rt.encode_prompts(task, tok, train, preset["prompt_tokens"])
+    train = task.load("train", data_dir, limit=B)  # the reward's examples (its cost is the texts')
+    # the script's own prompts (CommonGen's first rows are shorter than its average), else the first B
+    queries = prompts or rt.encode_prompts(task, tok, train, preset["prompt_tokens"])
     qi, qm = left_pad(queries, tok.pad_token_id, device)
     gen_kwargs = dict(do_sample=True, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
 
@@ -188,25 +212,29 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
     with torch.no_grad():
         t_gen = bare_generate(policy, "learner")
         t_guide = bare_generate(load_causal_lm(em.guide, tok, device), "guide") if calls["guide"] else 0.0
-        seqs = policy.generate(input_ids=qi, attention_mask=qm, max_new_tokens=max(1, round(resp_len)),
-                               min_new_tokens=max(1, round(resp_len)), **gen_kwargs)  # the batch the passes below use
-        L = max(1, round(resp_len))
-        ri = seqs[:, qi.shape[1]:][:, :L]
-        if ri.shape[1] < L:
-            ri = torch.cat([ri, ri[:, -1:].expand(-1, L - ri.shape[1])], 1)
-        rm = torch.ones_like(ri)
-        t_ref, _ = timed(lambda: ref(input_ids=torch.cat([qi, ri], 1), attention_mask=torch.cat([qm, rm], 1)).logits)
+        if trained:  # the script's own last batch: its prompts, responses and their lengths
+            bq, bqm, ri, rm = trained["qi"], trained["qm"], trained["ri"], trained["rm"]
+        else:
+            L = max(1, round(resp_len))
+            seqs = policy.generate(input_ids=qi, attention_mask=qm, max_new_tokens=L, min_new_tokens=L, **gen_kwargs)
+            bq, bqm, ri = qi, qm, seqs[:, qi.shape[1]:][:, :L]
+            if ri.shape[1] < L:
+                ri = torch.cat([ri, ri[:, -1:].expand(-1, L - ri.shape[1])], 1)
+            rm = torch.ones_like(ri)
+        t_ref, _ = timed(lambda: ref(input_ids=torch.cat([bq, ri], 1), attention_mask=torch.cat([bqm, rm], 1)).logits)
     reward_fn = rt.make_reward(task, None, task.load("train", data_dir), device)
-    texts = decode(tok, ri.tolist())
+    texts = decode(tok, [[t for t, m in zip(row, mrow) if m] for row, mrow in zip(ri.tolist(), rm.tolist())])
     t_rew, _ = timed(lambda: reward_fn([e.prompt for e in train], texts, [e.references for e in train]))
     mb = preset["minibatch_size"]
 
     def train_passes():
         for _ in range(preset["n_epochs"]):
             for s in range(0, B, mb):
-                lp, _ = forward_response(policy, qi[s:s + mb], qm[s:s + mb], ri[s:s + mb], rm[s:s + mb],
-                                         eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, min_new_tokens=0)
-                v = critic(qi[s:s + mb], qm[s:s + mb], ri[s:s + mb], rm[s:s + mb])
+                q, t = used_columns(bqm[s:s + mb], rm[s:s + mb])  # as the script: no all-padding columns
+                part = bq[s:s + mb, q], bqm[s:s + mb, q], ri[s:s + mb, t], rm[s:s + mb, t]
+                lp, _ = forward_response(policy, *part, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                         min_new_tokens=0)
+                v = critic(*part)
                 (lp.mean() + v.mean()).backward()
 
     t_train, _ = timed(train_passes)
