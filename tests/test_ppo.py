@@ -396,6 +396,38 @@ def test_packed_forward_equals_padded_forward(tiny_model, temperature, rows):
     assert float((lp_nomask - lp1).detach()[:, :5].abs().max()) > 1e-2
 
 
+def test_packed_forward_under_ddp_matches_the_bare_model(tiny_model, monkeypatch):
+    """Packed forwards read the LM head from the hidden states, outside DistributedDataParallel's own forward:
+    DDP's gradient hooks must still see every gradient (one gloo process here), equal to the bare model's."""
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    path = tiny_model("commongen", eos_logit=4.6)
+    tok, policy, _, _ = _policy_ref_critic(path)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    qi, qm = left_pad(_queries(tok, "commongen", [12, 3, 7, 15]), pad)
+    ri, rm = right_pad([[5] * 9, [6] * 2, [7] * 4, [8] * 7], pad)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        grads, wrapped = [], DDP(policy)
+        # twice under DDP: its second forward fails when the first backward's reduction did not finish
+        for model in (policy, wrapped, wrapped):
+            policy.zero_grad()
+            lp, _ = forward_response(model, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=0, pack=2)
+            (lp * rm).sum().backward()
+            grads.append([p.grad.clone() for p in policy.parameters()])
+    finally:
+        dist.destroy_process_group()
+    assert all(g.abs().sum() > 0 for g in grads[1][:1])  # the embedding (tied to the LM head) got its gradient
+    for ddp_grads in grads[1:]:
+        for a, b in zip(ddp_grads, grads[0]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_packing_falls_back_to_padding_where_the_model_ignores_packed_positions(tiny_model):
     """A model whose attention does not split packed rows (here: one that drops the position ids) fails the
     one-time check, and forward_response pads instead: the result is still the padded batch's."""
