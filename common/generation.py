@@ -312,7 +312,7 @@ def _pack(query_ids, query_mask, response_ids, response_mask, groups: list[list[
     mask = torch.cat([query_mask, response_mask], dim=1).bool()
     lengths = mask.sum(1).tolist()
     start, width = [0] * len(lengths), 0
-    for g, rows in enumerate(groups):
+    for rows in groups:
         offset = 0
         for i in rows:
             start[i] = offset
