@@ -8,7 +8,7 @@ models and batch shapes, measures the compute floor of the same work:
   counted from the script's own sampling calls: a guide roll-in is generated in full before the switch point
   can be drawn (SPEC section 2), so all of its tokens count, not only the prefix that is kept; the learner's
   with its full distribution, the guide's with its own top-k / top-p (its nucleus is part of its work),
-- one no-grad forward of the reference model over the batch,
+- one no-grad forward of the reference model over the batch (logits at the response positions),
 - the reward computation alone,
 - n_epochs forward and backward passes of the trained model(s) (policy and critic) over the same tokens.
 
@@ -221,7 +221,10 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
             if ri.shape[1] < L:
                 ri = torch.cat([ri, ri[:, -1:].expand(-1, L - ri.shape[1])], 1)
             rm = torch.ones_like(ri)
-        t_ref, _ = timed(lambda: ref(input_ids=torch.cat([bq, ri], 1), attention_mask=torch.cat([bqm, rm], 1)).logits)
+        # the LM head only on the response positions, as the script's forward does: a bare forward with logits
+        # at every prompt position too would inflate the floor (TL;DR's prompts are 256 tokens)
+        t_ref, _ = timed(lambda: ref(input_ids=torch.cat([bq, ri], 1), attention_mask=torch.cat([bqm, rm], 1),
+                                     logits_to_keep=ri.shape[1] + 1).logits)
     reward_fn = rt.make_reward(task, None, task.load("train", data_dir), device)
     texts = decode(tok, [[t for t, m in zip(row, mrow) if m] for row, mrow in zip(ri.tolist(), rm.tolist())])
     t_rew, _ = timed(lambda: reward_fn([e.prompt for e in train], texts, [e.references for e in train]))
