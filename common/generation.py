@@ -311,16 +311,12 @@ def _pack(query_ids, query_mask, response_ids, response_mask, groups: list[list[
     ids = torch.cat([query_ids, response_ids], dim=1)
     mask = torch.cat([query_mask, response_mask], dim=1).bool()
     lengths = mask.sum(1).tolist()
-    start, width = [0] * len(lengths), 0
-    for rows in groups:
-        offset = 0
-        for i in rows:
-            start[i] = offset
-            offset += lengths[i]
-        width = max(width, offset)
+    width = max(sum(lengths[i] for i in rows) for rows in groups)
+    start = [0] * len(lengths)  # flat packed index of each row's first token
     for g, rows in enumerate(groups):
+        offset = g * width
         for i in rows:
-            start[i] += g * width
+            start[i], offset = offset, offset + lengths[i]
     pos = position_ids(mask)
     dest = torch.tensor(start, device=ids.device)[:, None] + pos  # flat packed index of each real token
     flat_ids = torch.zeros(len(groups) * width, dtype=ids.dtype, device=ids.device)
