@@ -124,18 +124,16 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
     # count what every training-time `sample` call generates (rows, new tokens): the learner's in the script,
     # the model guide's in common.guides (evaluation samples through common.runtime and is not counted)
     calls = {"learner": [], "guide": []}
-    prompts: list = []  # the prompts of the script's last full-batch learner call: the floor runs on them
 
     def counting(fn, role):
         def wrapped(model, queries, **kw):
             out = fn(model, queries, **kw)
             calls[role].append((len(queries), sum(len(t) for t in out.tokens)))
-            if role == "learner" and len(queries) == EMBEDDED[task_name]["rollouts_per_iteration"]:
-                prompts[:] = [list(q) for q in queries]
             return out
         return wrapped
 
-    # the tokens the script trains on: the last full batch its reference forward scored (no grad)
+    # the tokens the script trains on: the last full batch its reference forward scored (no grad); the floor
+    # runs on them, its generation from their prompts
     trained: dict = {}
 
     def recording(fn):
@@ -176,8 +174,10 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
     B = preset["rollouts_per_iteration"]
     train = task.load("train", data_dir, limit=B)  # the reward's examples (its cost is the texts')
     # the script's own prompts (CommonGen's first rows are shorter than its average), else the first B
-    queries = prompts or rt.encode_prompts(task, tok, train, preset["prompt_tokens"])
-    qi, qm = left_pad(queries, tok.pad_token_id, device)
+    if trained:
+        qi, qm = trained["qi"], trained["qm"]
+    else:
+        qi, qm = left_pad(rt.encode_prompts(task, tok, train, preset["prompt_tokens"]), tok.pad_token_id, device)
     gen_kwargs = dict(do_sample=True, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
 
     def timed(fn):
@@ -212,18 +212,18 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
     with torch.no_grad():
         t_gen = bare_generate(policy, "learner")
         t_guide = bare_generate(load_causal_lm(em.guide, tok, device), "guide") if calls["guide"] else 0.0
-        if trained:  # the script's own last batch: its prompts, responses and their lengths
-            bq, bqm, ri, rm = trained["qi"], trained["qm"], trained["ri"], trained["rm"]
+        if trained:  # the script's own last batch: its responses and their lengths
+            ri, rm = trained["ri"], trained["rm"]
         else:
             L = max(1, round(resp_len))
             seqs = policy.generate(input_ids=qi, attention_mask=qm, max_new_tokens=L, min_new_tokens=L, **gen_kwargs)
-            bq, bqm, ri = qi, qm, seqs[:, qi.shape[1]:][:, :L]
+            ri = seqs[:, qi.shape[1]:][:, :L]
             if ri.shape[1] < L:
                 ri = torch.cat([ri, ri[:, -1:].expand(-1, L - ri.shape[1])], 1)
             rm = torch.ones_like(ri)
         # the LM head only on the response positions, as the script's forward does: a bare forward with logits
         # at every prompt position too would inflate the floor (TL;DR's prompts are 256 tokens)
-        t_ref, _ = timed(lambda: ref(input_ids=torch.cat([bq, ri], 1), attention_mask=torch.cat([bqm, rm], 1),
+        t_ref, _ = timed(lambda: ref(input_ids=torch.cat([qi, ri], 1), attention_mask=torch.cat([qm, rm], 1),
                                      logits_to_keep=ri.shape[1] + 1).logits)
     reward_fn = rt.make_reward(task, None, task.load("train", data_dir), device)
     texts = decode(tok, [[t for t, m in zip(row, mrow) if m] for row, mrow in zip(ri.tolist(), rm.tolist())])
@@ -233,8 +233,8 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
     def train_passes():
         for _ in range(preset["n_epochs"]):
             for s in range(0, B, mb):
-                q, t = used_columns(bqm[s:s + mb], rm[s:s + mb])  # as the script: no all-padding columns
-                part = bq[s:s + mb, q], bqm[s:s + mb, q], ri[s:s + mb, t], rm[s:s + mb, t]
+                q, t = used_columns(qm[s:s + mb], rm[s:s + mb])  # as the script: no all-padding columns
+                part = qi[s:s + mb, q], qm[s:s + mb, q], ri[s:s + mb, t], rm[s:s + mb, t]
                 lp, _ = forward_response(policy, *part, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                                          min_new_tokens=0)
                 v = critic(*part)
