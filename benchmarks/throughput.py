@@ -17,7 +17,8 @@ saw them), so uneven lengths cost the floor what they cost the script.
 
 It prints per iteration: wall time split into phases, generated tokens per second, peak memory, and the
 ratio iteration time / floor (the figure we track). Each (task, algorithm) runs in its own subprocess so
-peak memory is its own.
+peak memory is its own: the process's resident high-water mark, and on a GPU also the peak of its allocated
+tensors there, which is then the figure the memory ratio reads.
 
     RLGF_DATA_DIR=../shared/data python benchmarks/throughput.py
     RLGF_DATA_DIR=../shared/data python benchmarks/throughput.py --tasks imdb --algos ppo d2lols --iterations 4
@@ -113,6 +114,11 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
     base_rss = _status_mib("VmRSS")
     if not _reset_peak():
         base_rss = _status_mib("VmHWM")
+    # on a GPU the models live in its memory: the goal is read there (allocated tensors, peak above the start)
+    on_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base_gpu = torch.cuda.memory_allocated()
 
     # ---- 1. the real script, a few iterations, evaluation only at start and end ----------------------
     mod = importlib.import_module(algo)
@@ -155,6 +161,7 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
     finally:
         mod.sample, guides_mod.sample, mod.forward_response = saved
     peak = _status_mib("VmHWM") - base_rss  # the script's own high-water mark, before the floor loads its copies
+    peak_gpu = (torch.cuda.max_memory_allocated() - base_gpu) / 2**20 if on_cuda else None
     rows = [json.loads(l) for l in (Path(out_dir) / "bench" / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(out_dir, ignore_errors=True)  # its checkpoints: ~200 MiB a run, 15 runs a benchmark
     it_rows = [r for r in rows if "time/iteration" in r][1:]  # drop the warm-up iteration
@@ -251,8 +258,9 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
             "tokens_per_s": B * resp_len / max(phases["iteration"], 1e-9),
             "floor": floor, "floor_generate": t_gen, "floor_guide_generate": t_guide, "floor_ref_forward": t_ref,
             "floor_reward": t_rew, "floor_train": t_train, "ratio": phases["iteration"] / floor,
-            "peak_mib_above_imports": peak, "model_state_mib": model_mib, "memory_ratio": peak / model_mib,
-            "device": str(device)}
+            "peak_mib_above_imports": peak, "peak_gpu_mib": peak_gpu, "model_state_mib": model_mib,
+            "memory_ratio": (peak_gpu if on_cuda else peak) / model_mib,
+            "device": torch.cuda.get_device_name(device) if on_cuda else str(device)}
 
 
 def main(args: Args):
@@ -269,7 +277,7 @@ def main(args: Args):
             res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
             if res.returncode or not line:
-                print(f"{task}/{algo}: failed: {res.stderr.strip().splitlines()[-1:] }")
+                print(f"{task}/{algo}: failed:\n  " + "\n  ".join(res.stderr.strip().splitlines()[-5:]), flush=True)
                 continue
             r = json.loads(line[0][7:])
             results.append(r)
@@ -278,10 +286,11 @@ def main(args: Args):
                   f"{r['t_update']:5.2f} | floor {r['floor']:6.2f}s (gen {r['floor_generate']:.2f}, guide "
                   f"{r['floor_guide_generate']:.2f}, ref {r['floor_ref_forward']:.2f}, reward {r['floor_reward']:.2f}, "
                   f"train {r['floor_train']:.2f}) | ratio {r['ratio']:.2f} | {r['tokens_per_s']:.0f} tok/s | "
-                  f"peak {r['peak_mib_above_imports']:.0f} MiB vs models {r['model_state_mib']:.0f} MiB "
-                  f"({r['memory_ratio']:.1f}x)", flush=True)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=1))
+                  f"peak {r['peak_mib_above_imports']:.0f} MiB"
+                  + (f" (GPU {r['peak_gpu_mib']:.0f} MiB)" if r["peak_gpu_mib"] is not None else "")
+                  + f" vs models {r['model_state_mib']:.0f} MiB ({r['memory_ratio']:.1f}x) | {r['device']}", flush=True)
+            if args.json_out:  # after every run: an interrupted benchmark keeps what it measured
+                Path(args.json_out).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

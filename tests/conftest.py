@@ -20,6 +20,15 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HAS_DATA = all((DATA / d).is_dir() for d in ("imdb", "common_gen", "openai_summarize_tldr"))
 needs_data = pytest.mark.skipif(not HAS_DATA, reason=f"local data folder {DATA} is absent")
 
+# RLGF_TEST_DEVICE=cuda runs the tests marked `device` (sampling = training log-probs, ratio 1, packing, PPO++ with
+# beta 0 = PPO) on a GPU: python -m pytest tests -m device. Every other test runs on the CPU.
+DEVICE = os.environ.get("RLGF_TEST_DEVICE", "cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: runs on RLGF_TEST_DEVICE (default cpu)")
+
+
 # tiny models on a shared 2-core machine: one intra-op thread is several times faster than two (no
 # spin-waiting when other processes compete for the cores); subprocesses get OMP_NUM_THREADS=1
 torch.set_num_threads(1)

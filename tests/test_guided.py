@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from _tiny import DATA, build_tiny, favour_token, has_data  # noqa: F401  (also puts the repo on sys.path)
+from conftest import DEVICE  # noqa: E402
 
 import aggrevated  # noqa: E402
 import d2lols  # noqa: E402
@@ -361,13 +362,14 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.device
 def test_ppo_plus_plus_beta0_equals_ppo(models, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = models("imdb")
     common = dict(task="imdb", policy_model=str(model), data_dir=str(DATA), iterations=2, rollouts_per_iteration=4,
                   minibatch_size=2, n_epochs=2, eval_samples=4, eval_interval=1, lr=1e-3, kl_coef=0.05,
-                  device="cpu", run_name="run", seed=3)
+                  device=DEVICE, run_name="run", seed=3)
     ppo.main(ppo.Args(output_dir=str(tmp_path / "ppo"), **common))
     ppo_plus_plus.main(ppo_plus_plus.Args(output_dir=str(tmp_path / "pp"), beta=0.0, **common))
     a, b = _jsonl(tmp_path / "ppo" / "run" / "metrics.jsonl"), _jsonl(tmp_path / "pp" / "run" / "metrics.jsonl")

@@ -24,22 +24,22 @@ from common.errors import UsageError
 from common.generation import (draw, filter_top_k_top_p, forward_response, left_pad, right_pad, sample,
                                used_columns)
 from common.models import load_causal_lm, load_tokenizer
-from conftest import DATA, REPO, needs_data, train_texts
+from conftest import DATA, DEVICE, REPO, needs_data, train_texts
 
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------
-def _load(path):
+def _load(path, device="cpu"):
     tok = load_tokenizer(str(path))
-    return tok, load_causal_lm(str(path), tok, "cpu")
+    return tok, load_causal_lm(str(path), tok, device)
 
 
-def _policy_ref_critic(path):
+def _policy_ref_critic(path, device="cpu"):
     """What ppo.py builds (rt.build_policy_ref_critic): policy, its frozen deep copy, a critic."""
-    tok, policy = _load(path)
+    tok, policy = _load(path, device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    return tok, policy, ref, rt.make_critic(str(path), tok, "cpu")
+    return tok, policy, ref, rt.make_critic(str(path), tok, device)
 
 
 def _queries(tok, task: str, lengths: list[int]) -> list[list[int]]:
@@ -144,9 +144,10 @@ def test_masked_whiten_uses_valid_tokens_only():
 # ---------------------------------------------------------------------------------------------------
 # 3. sampling log-probs == training-forward log-probs
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.device
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sample_logprobs_equal_training_forward(tiny_model, temperature):
-    tok, model = _load(tiny_model("tldr", eos_logit=4.6))
+    tok, model = _load(tiny_model("tldr", eos_logit=4.6), DEVICE)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     assert pad != eos
     lengths = [3, 17, 9, 30, 5, 24, 12, 40, 7, 21]
@@ -167,13 +168,13 @@ def test_sample_logprobs_equal_training_forward(tiny_model, temperature):
         assert eos not in t[:MIN], "EOS is masked before min_new_tokens"
         assert len(t) == MAX or t[-1] == eos
 
-    qi, qm = left_pad(queries, pad)
-    ri, rm = right_pad(out.tokens, pad)
+    qi, qm = left_pad(queries, pad, DEVICE)
+    ri, rm = right_pad(out.tokens, pad, device=DEVICE)
     assert qm[:, 0].sum() < len(queries)  # the batch really is left-padded
     with torch.no_grad():
         lp, ent = forward_response(model, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=MIN,
                                    temperature=temperature, with_entropy=True)
-    old = rt.right_pad_float(out.logprobs, ri.shape[1], "cpu")
+    old = rt.right_pad_float(out.logprobs, ri.shape[1], DEVICE)
     diff = ((lp - old) * rm).abs()
     assert float(diff.max()) < 1e-5, f"max |logp_sample - logp_forward| = {float(diff.max()):.2e}"
     assert torch.all(lp[rm == 0] == 0)
@@ -304,9 +305,10 @@ def test_sample_ignores_the_model_folders_generation_config(tiny_model, tmp_path
 # ---------------------------------------------------------------------------------------------------
 # 4. ratio == 1 on a minibatch of the first epoch
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.device
 def test_ratio_is_one_on_first_minibatch(tiny_model):
     path = tiny_model("commongen", eos_logit=4.6)
-    tok, policy, ref, critic = _policy_ref_critic(path)
+    tok, policy, ref, critic = _policy_ref_critic(path, DEVICE)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     # dropout is off in every model (the tiny config asks for GPT-2's default 0.1)
     for model in (policy, ref, critic):
@@ -315,9 +317,9 @@ def test_ratio_is_one_on_first_minibatch(tiny_model):
     queries = _queries(tok, "commongen", lengths)
     torch.manual_seed(3)
     out = sample(policy, queries, max_new_tokens=20, min_new_tokens=5, eos_id=eos, pad_id=pad)
-    qi, qm = left_pad(queries, pad)
-    ri, rm = right_pad(out.tokens, pad)
-    old = rt.right_pad_float(out.logprobs, ri.shape[1], "cpu")
+    qi, qm = left_pad(queries, pad, DEVICE)
+    ri, rm = right_pad(out.tokens, pad, device=DEVICE)
+    old = rt.right_pad_float(out.logprobs, ri.shape[1], DEVICE)
     assert len({len(t) for t in out.tokens}) > 1
 
     # a minibatch whose rows all carry extra left padding (the full batch's width) in shuffled order
@@ -338,18 +340,19 @@ def test_ratio_is_one_on_first_minibatch(tiny_model):
     torch.testing.assert_close(v_mb, v_all[mb], atol=1e-5, rtol=0)
 
 
+@pytest.mark.device
 def test_used_columns_drop_only_padding_and_change_no_result(tiny_model):
     path = tiny_model("commongen", eos_logit=4.6)
-    tok, policy, _, critic = _policy_ref_critic(path)
+    tok, policy, _, critic = _policy_ref_critic(path, DEVICE)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     queries = _queries(tok, "commongen", [12, 3, 7, 15, 5, 9])
     responses = [[5 + i] * n for i, n in enumerate([9, 2, 4, 20, 3, 6])]
-    qi, qm = left_pad(queries, pad)
-    ri, rm = right_pad(responses, pad)
+    qi, qm = left_pad(queries, pad, DEVICE)
+    ri, rm = right_pad(responses, pad, device=DEVICE)
     mb = torch.tensor([4, 1, 2])  # short queries and responses: most of the batch's width is their padding
     q, t = used_columns(qm[mb], rm[mb])
     assert qi[mb, q].shape[1] == 7 and ri[mb, t].shape[1] == 4  # the longest of each in the minibatch
-    assert torch.equal(qm[mb, :q.start].sum(), torch.tensor(0)) and int(rm[mb, t.stop:].sum()) == 0
+    assert int(qm[mb, :q.start].sum()) == 0 and int(rm[mb, t.stop:].sum()) == 0
     with torch.no_grad():
         full, _ = forward_response(policy, qi[mb], qm[mb], ri[mb], rm[mb], eos_id=eos, pad_id=pad, min_new_tokens=5)
         cut, _ = forward_response(policy, qi[mb, q], qm[mb, q], ri[mb, t], rm[mb, t], eos_id=eos, pad_id=pad,
@@ -359,19 +362,20 @@ def test_used_columns_drop_only_padding_and_change_no_result(tiny_model):
                                    critic(qi[mb], qm[mb], ri[mb], rm[mb])[:, t], atol=1e-5, rtol=0)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("temperature,rows", [(1.0, 1), (0.7, 1), (1.0, 2), (0.7, 3)])
 def test_packed_forward_equals_padded_forward(tiny_model, temperature, rows):
     """The rows' real tokens packed end to end in one, two or three rows give the padded batch's log-probs,
     entropies, values and gradients: no token attends across rows or to the filler after them, positions
     restart per row, the EOS mask counts response positions per row, the LM head reads the right positions."""
     path = tiny_model("commongen", eos_logit=4.6)
-    tok, policy, _, critic = _policy_ref_critic(path)
+    tok, policy, _, critic = _policy_ref_critic(path, DEVICE)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     queries = _queries(tok, "commongen", [12, 3, 7, 15, 5, 9])
     # EOS ends the rows long enough to end (min_new_tokens 5); the short ones stop without it
     responses = [[5 + i] * (n - 1) + ([eos] if n > 5 else [40]) for i, n in enumerate([9, 2, 4, 20, 3, 6])]
-    qi, qm = left_pad(queries, pad)
-    ri, rm = right_pad(responses, pad)
+    qi, qm = left_pad(queries, pad, DEVICE)
+    ri, rm = right_pad(responses, pad, device=DEVICE)
     out = {}
     for pack in (False, rows):
         policy.zero_grad(), critic.zero_grad()
@@ -546,23 +550,27 @@ def captured(tiny_model, tmp_path_factory):
         rec["sample"].append((copy.deepcopy(queries), copy.deepcopy(out)))
         return out
 
+    def host(t):  # a copy on the CPU (the run itself may be on RLGF_TEST_DEVICE)
+        return t.detach().to("cpu", copy=True)
+
     def rec_kl(lp, ref_lp, est):
-        rec["kl"].append((lp.clone(), ref_lp.clone(), est))
+        rec["kl"].append((host(lp), host(ref_lp), est))
         return real_kl(lp, ref_lp, est)
 
     def rec_gae(rewards, values, mask, gamma, lam):
-        rec["gae"].append((rewards.clone(), values.clone(), mask.clone()))
+        rec["gae"].append((host(rewards), host(values), host(mask)))
         return real_gae(rewards, values, mask, gamma, lam)
 
     def rec_fwd(model, qi, qm, ri, rm, **kw):
         out = real_fwd(model, qi, qm, ri, rm, **kw)
         if kw.get("with_entropy"):
-            rec["train_fwd"].append((qi.clone(), ri.clone(), rm.clone(), out[0].detach().clone()))
+            rec["train_fwd"].append((host(qi), host(ri), host(rm), host(out[0])))
         return out
 
     out_dir = tmp_path_factory.mktemp("captured")
     args = _args("commongen", tiny_model("commongen", eos_logit=4.6), out_dir, rollouts_per_iteration=8,
-                 minibatch_size=4, n_epochs=1, eval_samples=2, kl_coef=0.5, lr=1e-2, run_name="captured")
+                 minibatch_size=4, n_epochs=1, eval_samples=2, kl_coef=0.5, lr=1e-2, run_name="captured",
+                 device=DEVICE)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ppo.rt, "make_reward", stub_reward)
         mp.setattr(ppo, "sample", rec_sample)
@@ -574,6 +582,7 @@ def captured(tiny_model, tmp_path_factory):
     return rec
 
 
+@pytest.mark.device
 @needs_data
 def test_reward_sits_on_last_real_token_and_eos_is_trained(captured, tiny_model):
     tok = load_tokenizer(str(tiny_model("commongen", eos_logit=4.6)))
@@ -606,6 +615,7 @@ def test_reward_sits_on_last_real_token_and_eos_is_trained(captured, tiny_model)
     assert float(((lp2 - ref2) * mask2).abs().max()) > 1e-4
 
 
+@pytest.mark.device
 @needs_data
 def test_ratio_is_one_on_first_minibatch_inside_ppo_main(captured, tiny_model):
     tok = load_tokenizer(str(tiny_model("commongen", eos_logit=4.6)))
