@@ -164,8 +164,10 @@ def sample(model, queries: list[list[int]], *, max_new_tokens: int, min_new_toke
     Our own loop rather than HF `generate`, which runs every row until the longest ends and draws with
     torch.multinomial: here a row leaves the batch (and the cache) as soon as it ends, so a step costs only
     the rows still running, and each row stops at its own budget, so a long prefix never pushes another row
-    past the model's positions.
+    past the model's positions. `device` defaults to the model's.
     """
+    if device is None:
+        device = next(model.parameters()).device
     prefixes = prefixes or [[] for _ in queries]
     tokens: list[list[int]] = [[] for _ in queries]
     logprobs: list[list[float]] = [[] for _ in queries]
