@@ -400,6 +400,43 @@ def test_packed_forward_equals_padded_forward(tiny_model, temperature, rows):
     assert float((lp_nomask - lp1).detach()[:, :5].abs().max()) > 1e-2
 
 
+@pytest.mark.device
+@pytest.mark.parametrize("pack", [False, None])
+def test_no_grad_forward_in_chunks_equals_one_pass(tiny_model, monkeypatch, pack):
+    """Without gradients forward_response scores the rows in chunks of bounded logits, each without its
+    all-padding columns: the same log-probs and entropies as one pass over the batch, zeros on padding."""
+    import common.generation as gen
+
+    path = tiny_model("commongen", eos_logit=4.6)
+    tok, policy, _, _ = _policy_ref_critic(path, DEVICE)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    qi, qm = left_pad(_queries(tok, "commongen", [12, 3, 7, 15, 5, 9, 4]), pad, DEVICE)
+    ri, rm = right_pad([[5 + i] * n for i, n in enumerate([9, 2, 4, 20, 3, 6, 1])], pad, device=DEVICE)
+    kw = dict(eos_id=eos, pad_id=pad, min_new_tokens=2, temperature=0.7, with_entropy=True, pack=pack)
+    calls = []
+    real = gen.forward_response
+
+    def counting(*a, **k):
+        calls.append(a[3].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(gen, "forward_response", counting)
+    with torch.no_grad():
+        monkeypatch.setattr(gen, "NO_GRAD_LOGITS_BYTES", 2**40)
+        lp1, ent1 = gen.forward_response(policy, qi, qm, ri, rm, **kw)
+        assert len(calls) == 1
+        row_bytes = ri.shape[1] * policy.config.vocab_size * 4
+        monkeypatch.setattr(gen, "NO_GRAD_LOGITS_BYTES", 3 * row_bytes)  # 3 chunks of 3, 3 and 1 rows
+        lp3, ent3 = gen.forward_response(policy, qi, qm, ri, rm, **kw)
+    assert [tuple(s) for s in calls[1:]] == [(7, 20), (3, 9), (3, 20), (1, 1)]  # the chunks drop padding columns
+    torch.testing.assert_close(lp3, lp1, atol=1e-5, rtol=0)
+    assert torch.all(lp3[rm == 0] == 0)
+    torch.testing.assert_close(ent3 * rm, ent1 * rm, atol=1e-4, rtol=0)
+    # with gradients the batch runs in one pass whatever the budget
+    lp_g, _ = gen.forward_response(policy, qi, qm, ri, rm, **kw)
+    assert len(calls) == 6 and lp_g.requires_grad
+
+
 def test_packed_forward_under_ddp_matches_the_bare_model(tiny_model, monkeypatch):
     """Packed forwards read the LM head from the hidden states, outside DistributedDataParallel's own forward:
     DDP's gradient hooks must still see every gradient (one gloo process here), equal to the bare model's."""
