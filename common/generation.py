@@ -366,8 +366,9 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
     are scored in chunks of about NO_GRAD_LOGITS_BYTES of logits, each without its all-padding columns.
     """
     B, T = response_ids.shape
-    chunks = -(-B * T * (getattr(_base(model).config, "vocab_size", 0) or 0) * 4 // NO_GRAD_LOGITS_BYTES)
-    if not torch.is_grad_enabled() and chunks > 1 and B > 1:
+    logit_bytes = B * T * (getattr(_base(model).config, "vocab_size", 0) or 0) * 4
+    if not torch.is_grad_enabled() and B > 1 and logit_bytes > NO_GRAD_LOGITS_BYTES:
+        chunks = -(-logit_bytes // NO_GRAD_LOGITS_BYTES)
         rows = -(-B // min(chunks, B))
         lps, ents = [], []
         for s in range(0, B, rows):
