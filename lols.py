@@ -408,7 +408,7 @@ def main(args: Args):
                         if args.nll_coef > 0:  # optional NLL on the dataset reference (off by default)
                             nll = rt.reference_nll(policy_t, tok, task, [batch[j] for j in mi.tolist()], q_ids, q_mask, args)
                             policy_loss = policy_loss + args.nll_coef * nll * len(mi) / mb_local
-                            stats["nll"].append(nll.item())
+                            stats["nll"].append(nll.detach())
                         # loss = policy loss + vf_coef * value loss; the two models share no weights, so each part
                         # is backpropagated alone: the policy's activations are freed before the critic's exist
                         policy_loss.backward()
@@ -418,17 +418,20 @@ def main(args: Args):
                         vf_losses = torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
                         vf_loss = 0.5 * (vf_losses * m_val).sum() / n_val
                         (args.vf_coef * vf_loss).backward()
-                        with torch.no_grad():
-                            stats["pg_loss"].append(pg_loss.item() * mb_local / len(mi))
-                            stats["vf_loss"].append(vf_loss.item() * mb_local / len(mi))
-                            stats["clipfrac"].append(float(((ratio - 1).abs() > args.clip_range).float().mul(m_pol).sum() / m_pol.sum().clamp(min=1)))
-                            stats["vf_clipfrac"].append(float(((v - v_old).abs() > args.clip_range_vf).float().mul(m_val).sum() / m_val.sum().clamp(min=1)))
-                            stats["approx_kl"].append(float((0.5 * log_ratio ** 2 * m_pol).sum() / m_pol.sum().clamp(min=1)))
-                            stats["entropy"].append(float((entropy * m_pol).sum() / m_pol.sum().clamp(min=1)))
-                            stats["ratio"].append(float((ratio * m_pol).sum() / m_pol.sum().clamp(min=1)))
+                        with torch.no_grad():  # kept on the device: reading a number waits for the GPU
+                            stats["pg_loss"].append(pg_loss * mb_local / len(mi))
+                            stats["vf_loss"].append(vf_loss * mb_local / len(mi))
+                            stats["clipfrac"].append(((ratio - 1).abs() > args.clip_range).float().mul(m_pol).sum() / m_pol.sum().clamp(min=1))
+                            stats["vf_clipfrac"].append(((v - v_old).abs() > args.clip_range_vf).float().mul(m_val).sum() / m_val.sum().clamp(min=1))
+                            stats["approx_kl"].append((0.5 * log_ratio ** 2 * m_pol).sum() / m_pol.sum().clamp(min=1))
+                            stats["entropy"].append((entropy * m_pol).sum() / m_pol.sum().clamp(min=1))
+                            stats["ratio"].append((ratio * m_pol).sum() / m_pol.sum().clamp(min=1))
                     torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                     torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)  # the phase's critic
                     optimizer.step()
+            # the update's statistics, read from the device at once (so the time counts the GPU's work too)
+            logged = [k for k, v in stats.items() if v]
+            upd = dict(zip(logged, torch.stack([torch.stack(stats[k]).mean() for k in logged]).tolist()))
             t_upd = time.time() - t0
 
             # ---- logging (fixed metric names, see README) --------------------------------------
@@ -442,10 +445,10 @@ def main(args: Args):
             metrics = {
                 "objective/reward": score_mean, "objective/kl": kl_seq, "objective/kl_coef": kl_ctl.value,
                 "objective/rlhf_reward": score_mean - kl_ctl.value * kl_seq,
-                "objective/entropy": float(np.mean(stats["entropy"])),
-                "loss/policy": float(np.mean(stats["pg_loss"])), "loss/value": float(np.mean(stats["vf_loss"])),
-                "policy/clipfrac": float(np.mean(stats["clipfrac"])), "policy/approx_kl": float(np.mean(stats["approx_kl"])),
-                "policy/ratio": float(np.mean(stats["ratio"])), "value/clipfrac": float(np.mean(stats["vf_clipfrac"])),
+                "objective/entropy": upd["entropy"],
+                "loss/policy": upd["pg_loss"], "loss/value": upd["vf_loss"],
+                "policy/clipfrac": upd["clipfrac"], "policy/approx_kl": upd["approx_kl"],
+                "policy/ratio": upd["ratio"], "value/clipfrac": upd["vf_clipfrac"],
                 "value/explained_variance": float(1 - resid / ret_var.clamp(min=1e-8)),
                 "train/lr": lr, "train/response_length": n_tokens / args.rollouts_per_iteration,
                 "guide/mix_fraction": float((switch > 0).float().mean()),
@@ -458,8 +461,8 @@ def main(args: Args):
                 "time/iteration": dt, "time/generate": t_gen, "time/forward": t_fwd, "time/reward": t_rew,
                 "time/update": t_upd, "time/tokens_per_second": n_tokens / dt,
             }
-            if stats["nll"]:
-                metrics["loss/nll"] = float(np.mean(stats["nll"]))
+            if "nll" in upd:
+                metrics["loss/nll"] = upd["nll"]
             logger.scalars(metrics, it)
             if it % args.eval_interval == 0 or it == args.iterations:
                 logger.table(f"train/samples ({phase})", ["prompt", table[0], table[1], "reward"],
