@@ -144,6 +144,54 @@ def draw(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
+_PREALLOCATED_LAYER = None
+
+
+def preallocated_cache(model, capacity: int):
+    """A key-value cache for `sample`: HF's DynamicCache for this model, whose layers (where they are plain
+    DynamicLayers) write each step's keys and values into buffers of the final length, `capacity` positions
+    (prompt + new tokens), allocated once. DynamicCache concatenates the whole cache with the new token at every
+    step: a copy of everything so far per step, and the old and the new cache alive at once (twice the cache's
+    memory at the end). Same numbers (tested); TL;DR's sampling call 0.80 -> 0.74 s on the 2-core CPU."""
+    global _PREALLOCATED_LAYER
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if _PREALLOCATED_LAYER is None:
+        class PreallocatedLayer(DynamicLayer):
+            def __init__(self, capacity: int):
+                super().__init__()
+                self.capacity, self.length = capacity, 0
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                if not self.is_initialized:
+                    B, H, _, D = key_states.shape
+                    self.device = key_states.device
+                    self.key_buffer = key_states.new_empty((B, H, self.capacity, D))
+                    self.value_buffer = value_states.new_empty((B, H, self.capacity, D))
+                    self.is_initialized = True
+                n, L = self.length, key_states.shape[-2]
+                if n + L > self.capacity:
+                    raise ValueError(f"the key-value cache holds {self.capacity} positions, {n + L} were asked")
+                self.key_buffer[:, :, n:n + L] = key_states
+                self.value_buffer[:, :, n:n + L] = value_states
+                self.length = n + L
+                self.keys, self.values = self.key_buffer[:, :, :n + L], self.value_buffer[:, :, :n + L]
+                return self.keys, self.values
+
+            def batch_select_indices(self, indices: torch.Tensor) -> None:
+                if self.length > 0:
+                    self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+                    self.keys = self.key_buffer[:, :, :self.length]
+                    self.values = self.value_buffer[:, :, :self.length]
+
+        _PREALLOCATED_LAYER = PreallocatedLayer
+    cache = DynamicCache(config=model.config)
+    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):  # not sliding windows etc.
+        cache.layers = [_PREALLOCATED_LAYER(capacity) for _ in cache.layers]
+    return cache
+
+
 def _cache_kwarg(model) -> str:
     """The forward argument that takes the key-value cache: `cache` in recent transformers 5 releases,
     `past_key_values` before."""
@@ -177,8 +225,6 @@ def sample(model, queries: list[list[int]], *, max_new_tokens: int, min_new_toke
     rows = [i for i in range(len(queries)) if max_new_tokens - len(prefixes[i]) > 0]
     if not rows:
         return Sampled(tokens, logprobs)
-    from transformers import DynamicCache
-
     ids, mask = left_pad([queries[i] + prefixes[i] for i in rows], pad_id, device)
     dev = ids.device
     row_idx = torch.tensor(rows, device=dev)  # which output row each batch row is
@@ -186,7 +232,7 @@ def sample(model, queries: list[list[int]], *, max_new_tokens: int, min_new_toke
     steps = max_new_tokens - int(done_len.min())
     out_tok = torch.full((len(queries), steps), pad_id, dtype=torch.long, device=dev)
     out_lp = torch.zeros((len(queries), steps), device=dev)
-    cache = DynamicCache(config=model.config)
+    cache = preallocated_cache(model, ids.shape[1] + steps)
     kw = {_cache_kwarg(model): cache, "use_cache": True, "logits_to_keep": 1}
     inputs, pos = ids, position_ids(mask)
     for step in range(steps):

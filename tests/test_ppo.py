@@ -21,8 +21,9 @@ import torch
 import ppo
 from common import runtime as rt
 from common.errors import UsageError
-from common.generation import (draw, filter_top_k_top_p, forward_response, left_pad, right_pad, sample,
-                               used_columns)
+from common import generation
+from common.generation import (draw, filter_top_k_top_p, forward_response, left_pad, preallocated_cache, right_pad,
+                               sample, used_columns)
 from common.models import load_causal_lm, load_tokenizer
 from conftest import DATA, DEVICE, REPO, needs_data, train_texts
 
@@ -190,6 +191,42 @@ def test_sample_logprobs_equal_training_forward(tiny_model, temperature):
                                   temperature=temperature)
     assert float(((lp0 - old) * rm)[:, :MIN].abs().min()) > 1e-2
     assert float(((lp0 - old) * rm)[:, MIN:].abs().max()) < 1e-5
+
+
+@pytest.mark.device
+def test_preallocated_cache_samples_what_the_dynamic_cache_samples(tiny_model, monkeypatch):
+    """`sample` writes keys and values into buffers of the final length: the same tokens and log-probs as HF's
+    DynamicCache (which concatenates every step), rows leaving the batch included, and no growth past capacity."""
+    from transformers import DynamicCache
+
+    tok, model = _load(tiny_model("tldr", eos_logit=4.6), DEVICE)
+    queries = _queries(tok, "tldr", [3, 17, 9, 30, 5, 24, 12, 40])
+    kw = dict(max_new_tokens=16, min_new_tokens=2, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    used = []
+
+    def spy(model, capacity):
+        used.append(preallocated_cache(model, capacity))
+        return used[-1]
+
+    monkeypatch.setattr(generation, "preallocated_cache", spy)
+    torch.manual_seed(0)
+    ours = sample(model, queries, **kw)
+    layer = used[0].layers[0]
+    assert type(layer).__name__ == "PreallocatedLayer" and layer.key_buffer.shape[2] == 40 + 16
+    assert layer.length < 40 + 16, "the longest row ended before the budget: rows left the batch"
+    monkeypatch.setattr(generation, "preallocated_cache", lambda model, capacity: DynamicCache(config=model.config))
+    torch.manual_seed(0)
+    plain = sample(model, queries, **kw)
+    n = [len(t) for t in plain.tokens]
+    assert len(set(n)) >= 3, f"rows of several lengths, so rows leave the batch at different steps: {n}"
+    assert ours.tokens == plain.tokens
+    assert max(abs(a - b) for x, y in zip(ours.logprobs, plain.logprobs) for a, b in zip(x, y)) < 1e-6
+
+    cache = preallocated_cache(model, 4)
+    k = torch.zeros(2, 1, 3, 8)
+    cache.layers[0].update(k, k)
+    with pytest.raises(ValueError, match="holds 4 positions"):
+        cache.layers[0].update(k, k)
 
 
 def test_draw_samples_the_given_distribution():
