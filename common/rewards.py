@@ -250,27 +250,27 @@ class DocumentFrequencies:
     """CIDEr-D's document frequencies of a fixed reference corpus, compact: how many documents (concept
     sets) contain each n-gram, counted with pycocoevalcap's own `precook` exactly as its `compute_doc_freq`
     counts them, but stored as two sorted NumPy arrays (n-gram hash -> count) instead of a dict of tuples
-    of strings: CommonGen's training split has ~440k n-grams, ~170 MiB as Python objects, ~5 MiB here.
+    of strings: CommonGen's training split has ~440k n-grams, ~170 MiB as Python objects, ~5 MiB here. They
+    are counted by sorting every document's hashes (np.unique), not in a dict of Python ints: building
+    CommonGen's reward grew the process by 20 MiB with the dict, by 12 without.
 
     Read like the library reads its dict: `df[ngram]` (a tuple of words), 0 where the corpus lacks it. Keys
     are Python's 64-bit hashes of the n-gram tuples, consistent within one process (the table is built in
     the process that reads it); two of ~10^6 n-grams share a hash with probability ~10^-8."""
 
     def __init__(self, reference_corpus: list[list[str]], n: int = 4):
+        from array import array
+
         from pycocoevalcap.cider.cider_scorer import precook
 
-        counts: dict[int, int] = {}
+        hashes = array("q")  # every document's distinct n-grams, as raw 64-bit hashes (no Python dict to count)
         for refs in reference_corpus:
             if isinstance(refs, str) or not refs:
                 raise UsageError("reference_corpus must be a list of non-empty lists of reference strings")
             ngrams = {g for r in refs for g in precook(coco_tokenize(r), n)}  # each document counts once
-            for g in ngrams:
-                h = hash(g)
-                counts[h] = counts.get(h, 0) + 1
-        keys = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
-        order = np.argsort(keys)
-        self._keys = keys[order]
-        self._counts = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))[order]
+            hashes.extend(hash(g) for g in ngrams)
+        self._keys, counts = np.unique(np.frombuffer(hashes, dtype=np.int64), return_counts=True)
+        self._counts = counts.astype(np.float64)
         self.n_documents = len(reference_corpus)
 
     def __len__(self):
