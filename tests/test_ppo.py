@@ -438,6 +438,50 @@ def test_packed_forward_equals_padded_forward(tiny_model, temperature, rows):
 
 
 @pytest.mark.device
+@pytest.mark.parametrize("pack", [False, True])
+def test_forward_response_gradients_equal_log_softmax_then_gather(tiny_model, pack):
+    """forward_response's log-probs, entropies and parameter gradients equal the textbook graph built from the
+    model's full logits (masks as in sampling, temperature, `log_softmax`, `gather`): its own backward
+    (`_TokenLogProbs`: onehot(y) - softmax, from the saved logits alone) is exact, masked entries included."""
+    path = tiny_model("commongen", eos_logit=4.6)
+    tok, policy, _, _ = _policy_ref_critic(path, DEVICE)
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    queries = _queries(tok, "commongen", [12, 3, 7, 15])
+    responses = [[5 + i] * (n - 1) + [eos] for i, n in enumerate([9, 6, 7, 12])]  # EOS at MIN or later
+    qi, qm = left_pad(queries, pad, DEVICE)
+    ri, rm = right_pad(responses, pad, device=DEVICE)
+    MIN, temperature = 5, 0.7
+    w = torch.randn(ri.shape, generator=torch.Generator().manual_seed(0)).to(DEVICE)  # any upstream gradient
+
+    policy.zero_grad()
+    lp, ent = forward_response(policy, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=MIN,
+                               temperature=temperature, with_entropy=True, pack=pack)
+    (lp * w * rm).sum().backward()
+    ours = [p.grad.clone() for p in policy.parameters() if p.grad is not None]
+
+    policy.zero_grad()
+    ids, mask = torch.cat([qi, ri], 1), torch.cat([qm, rm], 1)
+    P, T = qi.shape[1], ri.shape[1]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = policy(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, P - 1:P + T - 1] / temperature
+    banned = torch.zeros_like(logits, dtype=torch.bool)
+    banned[:, :, pad] = True
+    banned[:, :MIN, eos] = True
+    logp_all = torch.log_softmax(logits.masked_fill(banned, -float("inf")), -1)
+    ref_lp = torch.where(rm.bool(), logp_all.gather(-1, ri.masked_fill(rm == 0, 0)[..., None]).squeeze(-1), 0.0)
+    ref_ent = -(logp_all.exp() * logp_all.masked_fill(banned, 0)).sum(-1) * rm
+    (ref_lp * w).sum().backward()
+    theirs = [p.grad.clone() for p in policy.parameters() if p.grad is not None]
+
+    torch.testing.assert_close(lp * rm, ref_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent * rm, ref_ent.detach(), atol=1e-4, rtol=0)
+    assert len(ours) == len(theirs) > 0
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    assert float(sum(g.abs().sum() for g in ours)) > 0
+
+
+@pytest.mark.device
 @pytest.mark.parametrize("pack", [False, None])
 def test_no_grad_forward_in_chunks_equals_one_pass(tiny_model, monkeypatch, pack):
     """Without gradients forward_response scores the rows in chunks of bounded logits, each without its
