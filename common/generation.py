@@ -408,24 +408,21 @@ class _TokenLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, ids, with_entropy: bool):
-        top = logits.amax(-1, keepdim=True)
-        p = torch.sub(logits, top).exp_()  # unnormalised probabilities, the forward's one [N, V] temporary
-        total = p.sum(-1, keepdim=True)
-        lse = total.log().add_(top)
-        picked = logits.gather(-1, ids[:, None]).sub_(lse).squeeze(-1)
+        logp = torch.log_softmax(logits, dim=-1)  # the forward's one [N, V] temporary
+        picked = logp.gather(-1, ids[:, None]).squeeze(-1)
         if with_entropy:  # entr(0) = 0: masked tokens add nothing
-            entropy = torch.special.entr(p.div_(total), out=p).sum(-1)
+            entropy = torch.special.entr(logp.exp_(), out=logp).sum(-1)
         else:
             entropy = picked.new_empty(0)
-        del p
-        ctx.save_for_backward(logits, ids, lse)
+        del logp
+        ctx.save_for_backward(logits, ids)
         ctx.mark_non_differentiable(entropy)
         return picked, entropy
 
     @staticmethod
     def backward(ctx, grad, _grad_entropy):
-        logits, ids, lse = ctx.saved_tensors
-        grad_logits = torch.sub(logits, lse).exp_().mul_(-grad[:, None])  # -g softmax(logits): 0 where masked
+        logits, ids = ctx.saved_tensors
+        grad_logits = torch.softmax(logits, dim=-1).mul_(-grad[:, None])  # -g softmax(logits): 0 where masked
         grad_logits.scatter_add_(-1, ids[:, None], grad[:, None])  # + g at the scored token
         return grad_logits, None, None
 
