@@ -102,6 +102,9 @@ class Args:
     """rollouts per optimiser step, over all processes; must divide rollouts_per_iteration"""
     micro_batch_size: int | None = None
     """rollouts per forward/backward per process (gradient accumulation); default: the whole minibatch"""
+    gradient_checkpointing: bool = False
+    """recompute each layer of the policy and critic in the backward instead of keeping its activations: less
+    memory per micro-batch for more time in the update (README: Memory)"""
     n_epochs: int | None = None
     """passes over the iteration's rollouts"""
 
@@ -239,8 +242,10 @@ def main(args: Args):
     rt.seed_everything(args.seed + rank)  # each process samples its own rollouts
     mix_rng = random.Random(args.seed + rank)  # mixing coins and switch points: their own stream
     phase_rng = random.Random(args.seed + 1)  # LOLS's per-iteration coin
-    tok, policy, ref, critic = rt.build_policy_ref_critic(policy_path, device, args.prompt_tokens + args.max_new_tokens)
-    guide_critic = rt.make_critic(policy_path, tok, device)  # V_psi: the guide's value, AggreVaTeD iterations
+    tok, policy, ref, critic = rt.build_policy_ref_critic(
+        policy_path, device, args.prompt_tokens + args.max_new_tokens, args.gradient_checkpointing)
+    # V_psi: the guide's value, AggreVaTeD iterations
+    guide_critic = rt.make_critic(policy_path, tok, device, args.gradient_checkpointing)
     reward_fn = rt.make_reward(task, args.reward_model, train, device, log)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     params = list(policy.parameters()) + list(critic.parameters()) + list(guide_critic.parameters())

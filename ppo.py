@@ -78,6 +78,9 @@ class Args:
     """rollouts per optimiser step, over all processes; must divide rollouts_per_iteration"""
     micro_batch_size: int | None = None
     """rollouts per forward/backward per process (gradient accumulation); default: the whole minibatch"""
+    gradient_checkpointing: bool = False
+    """recompute each layer of the policy and critic in the backward instead of keeping its activations: less
+    memory per micro-batch for more time in the update (README: Memory)"""
     n_epochs: int | None = None
     """passes over the iteration's rollouts"""
 
@@ -206,7 +209,8 @@ def main(args: Args):
     val = task.load("validation", data_dir, limit=args.eval_samples)
     policy_path, _ = rt.resolve_models(task, args.policy_model, None, data_dir, rank, world, log)
     rt.seed_everything(args.seed + rank)  # each process samples its own rollouts
-    tok, policy, ref, critic = rt.build_policy_ref_critic(policy_path, device, args.prompt_tokens + args.max_new_tokens)
+    tok, policy, ref, critic = rt.build_policy_ref_critic(
+        policy_path, device, args.prompt_tokens + args.max_new_tokens, args.gradient_checkpointing)
     reward_fn = rt.make_reward(task, args.reward_model, train, device, log)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     params = list(policy.parameters()) + list(critic.parameters())

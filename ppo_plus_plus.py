@@ -97,6 +97,9 @@ class Args:
     """rollouts per optimiser step, over all processes; must divide rollouts_per_iteration"""
     micro_batch_size: int | None = None
     """rollouts per forward/backward per process (gradient accumulation); default: the whole minibatch"""
+    gradient_checkpointing: bool = False
+    """recompute each layer of the policy and critic in the backward instead of keeping its activations: less
+    memory per micro-batch for more time in the update (README: Memory)"""
     n_epochs: int | None = None
     """passes over the iteration's rollouts"""
 
@@ -231,7 +234,8 @@ def main(args: Args):
                            temperature=args.guide_temperature, min_new_tokens=args.min_new_tokens)
     rt.seed_everything(args.seed + rank)  # each process samples its own rollouts
     mix_rng = random.Random(args.seed + rank)  # mixing coins and switch points: their own stream
-    tok, policy, ref, critic = rt.build_policy_ref_critic(policy_path, device, args.prompt_tokens + args.max_new_tokens)
+    tok, policy, ref, critic = rt.build_policy_ref_critic(
+        policy_path, device, args.prompt_tokens + args.max_new_tokens, args.gradient_checkpointing)
     reward_fn = rt.make_reward(task, args.reward_model, train, device, log)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     params = list(policy.parameters()) + list(critic.parameters())

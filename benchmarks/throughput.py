@@ -22,6 +22,7 @@ tensors there, which is then the figure the memory ratio reads.
 
     RLGF_DATA_DIR=../shared/data python benchmarks/throughput.py
     RLGF_DATA_DIR=../shared/data python benchmarks/throughput.py --tasks imdb --algos ppo d2lols --iterations 4
+    RLGF_DATA_DIR=../shared/data python benchmarks/throughput.py --tasks imdb --script-args="--gradient-checkpointing"
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -62,6 +64,9 @@ class Args:
     floor_repeats: int = 3
     """each part of the floor is timed this many times and its median counts (one slow call on a shared
     machine would otherwise lower the ratio)"""
+    script_args: str = ""
+    """extra flags for every script run, e.g. --script-args="--micro-batch-size 4 --gradient-checkpointing" (the
+    memory trades of README: Memory); the floor stays the plain work of the default settings"""
     one: str | None = None
     """internal: 'task:algo' runs one measurement in this process and prints JSON"""
     json_out: str | None = None
@@ -94,7 +99,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure_one(task_name: str, algo: str, iterations: int, device_name: str, floor_repeats: int = 3) -> dict:
+def measure_one(task_name: str, algo: str, iterations: int, device_name: str, floor_repeats: int = 3,
+                script_args: str = "") -> dict:
     import numpy as np
     import torch
 
@@ -138,6 +144,8 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
     extra = {"tau": max(1, iterations // 2)} if algo == "d2lols" else {}
     args = mod.Args(task=task_name, data_dir=data_dir, iterations=iterations, eval_interval=10**6, eval_samples=4,
                     output_dir=out_dir, run_name="bench", device=device_name, **extra)
+    if script_args:
+        args = tyro.cli(mod.Args, args=shlex.split(script_args), default=args)
     # count what every training-time `sample` call generates (rows, new tokens): the learner's in the script,
     # the model guide's in common.guides (evaluation samples through common.runtime and is not counted)
     calls = {"learner": [], "guide": []}
@@ -277,14 +285,15 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
 def main(args: Args):
     if args.one:
         task, algo = args.one.split(":")
-        print("RESULT " + json.dumps(measure_one(task, algo, args.iterations, args.device, args.floor_repeats)),
-              flush=True)
+        print("RESULT " + json.dumps(measure_one(task, algo, args.iterations, args.device, args.floor_repeats,
+                                                 args.script_args)), flush=True)
         return
     results = []
     for task in args.tasks:
         for algo in args.algos:
             cmd = [sys.executable, __file__, "--one", f"{task}:{algo}", "--iterations", str(args.iterations),
-                   "--device", args.device, "--floor-repeats", str(args.floor_repeats)]
+                   "--device", args.device, "--floor-repeats", str(args.floor_repeats),
+                   f"--script-args={args.script_args}"]
             res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
             if res.returncode or not line:

@@ -127,9 +127,10 @@ def resolve_models(task: Task, policy_model: str | None, guide_model: str | None
     return policy_model or em.policy, (guide_model or em.guide) if need_guide else None
 
 
-def build_policy_ref_critic(policy_path: str, device, context: int):
+def build_policy_ref_critic(policy_path: str, device, context: int, gradient_checkpointing: bool = False):
     """The learner, its frozen reference copy (KL penalty) and a critic on the same initial backbone.
-    `context` = prompt tokens + new tokens must fit the model's positions."""
+    `context` = prompt tokens + new tokens must fit the model's positions. `gradient_checkpointing`: the
+    trained models recompute each layer in the backward instead of keeping its activations."""
     tok = load_tokenizer(policy_path)
     policy = load_causal_lm(policy_path, tok, device, "--policy-model")
     limit = position_limit(policy)
@@ -137,11 +138,35 @@ def build_policy_ref_critic(policy_path: str, device, context: int):
         raise UsageError(f"prompt + response ({context} tokens) exceed the {limit} positions of {policy_path}: "
                          "lower --prompt-tokens or --max-new-tokens")
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    critic = make_critic(policy_path, tok, device)
+    critic = make_critic(policy_path, tok, device, gradient_checkpointing)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(policy, policy_path)
     return tok, policy, ref, critic
 
 
-def make_critic(policy_path: str, tok, device) -> ValueModel:
+def enable_gradient_checkpointing(model, name: str) -> None:
+    """HF gradient checkpointing: each transformer layer keeps only its input for the backward and runs again
+    there. HF checkpoints a layer only in training mode and with gradients on, so the layers (not the model:
+    GPT-2 in training mode drops the key-value cache even while sampling) are put in training mode; dropout is
+    off everywhere (`load_causal_lm`, `make_critic`), so that changes no number."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UsageError(f"{name} ({type(model).__name__}) does not support gradient checkpointing: "
+                         "drop --gradient-checkpointing")
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    if not layers:
+        raise UsageError(f"{name} ({type(model).__name__}) checkpoints outside its layers, which this project does "
+                         "not support: drop --gradient-checkpointing")
+    for layer in layers:
+        layer.train()
+
+
+def make_critic(policy_path: str, tok, device, gradient_checkpointing: bool = False) -> ValueModel:
     """A separate value model (backbone + scalar head), initialised from the policy's backbone."""
     from transformers import AutoModel
 
@@ -151,6 +176,8 @@ def make_critic(policy_path: str, tok, device) -> ValueModel:
     for m in backbone.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(backbone, policy_path)
     return ValueModel(backbone).to(device)
 
 

@@ -884,6 +884,59 @@ def test_same_seed_same_numbers(e2e, tiny_model, tmp_path):
     assert any(not _same(_train_lines(run_a)[0][k], c[k]) for k in ("objective/reward", "objective/kl", "loss/policy"))
 
 
+def _checkpointed(model) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules())
+
+
+@pytest.mark.device
+def test_gradient_checkpointing_keeps_less_and_changes_no_number(tiny_model):
+    """--gradient-checkpointing: the trained models keep far fewer activations for the backward, give the same
+    log-probs, values and gradients, and sample the same tokens with their key-value cache (no gradients: the
+    layers run as usual)."""
+    path = tiny_model("commongen", eos_logit=4.6)
+    built = {gc: rt.build_policy_ref_critic(str(path), DEVICE, 64, gradient_checkpointing=gc) for gc in (False, True)}
+    tok = built[False][0]
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    queries = _queries(tok, "commongen", [12, 3, 7, 15])
+    responses = [[5 + i] * (n - 1) + [eos] for i, n in enumerate([9, 6, 7, 12])]
+    qi, qm = left_pad(queries, pad, DEVICE)
+    ri, rm = right_pad(responses, pad, device=DEVICE)
+    out = {}
+    for gc, (_, policy, ref, critic) in built.items():
+        assert _checkpointed(policy) == gc and _checkpointed(critic) == gc
+        assert not _checkpointed(ref)  # the frozen reference never runs a backward
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            lp, _ = forward_response(policy, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=5, pack=False)
+            v = critic(qi, qm, ri, rm, pack=False)
+        ((lp * rm).sum() + (v * rm).sum()).backward()
+        grads = [p.grad for p in list(policy.parameters()) + list(critic.parameters()) if p.grad is not None]
+        torch.manual_seed(0)
+        with torch.no_grad():
+            s = sample(policy, queries, max_new_tokens=12, min_new_tokens=2, eos_id=eos, pad_id=pad)
+        out[gc] = (lp, v, grads, sum(saved), s)
+    (lp0, v0, g0, n0, s0), (lp1, v1, g1, n1, s1) = out[False], out[True]
+    assert n1 < 0.6 * n0, f"saved for backward: {n1} elements with checkpointing, {n0} without"
+    torch.testing.assert_close(lp1, lp0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(v1, v0, atol=1e-6, rtol=0)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert s1.tokens == s0.tokens and s1.logprobs == s0.logprobs
+
+
+@needs_data
+def test_gradient_checkpointing_run_has_the_same_numbers(e2e, tiny_model, tmp_path):
+    """A whole ppo.main run with --gradient-checkpointing reports what the plain run reports."""
+    _, run_a, args_a = e2e("commongen")
+    ppo.main(ppo.Args(**{**args_a.__dict__, "output_dir": str(tmp_path), "gradient_checkpointing": True}))
+    a, b = _train_lines(run_a), _train_lines(tmp_path / "commongen")
+    assert len(a) == len(b) == 2
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if not k.startswith("time/"):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), f"step {ra['step']} {k}: {ra[k]} != {rb[k]}"
+
 # ---------------------------------------------------------------------------------------------------
 # 10. resume
 # ---------------------------------------------------------------------------------------------------
