@@ -146,9 +146,10 @@ def build_policy_ref_critic(policy_path: str, device, context: int, gradient_che
 
 def enable_gradient_checkpointing(model, name: str) -> None:
     """HF gradient checkpointing: each transformer layer keeps only its input for the backward and runs again
-    there. HF checkpoints a layer only in training mode and with gradients on, so the layers (not the model:
-    GPT-2 in training mode drops the key-value cache even while sampling) are put in training mode; dropout is
-    off everywhere (`load_causal_lm`, `make_critic`), so that changes no number."""
+    there. HF checkpoints a layer only in training mode and with gradients on, so the model is put in training
+    mode; dropout is off everywhere (`load_causal_lm`, `make_critic`), so that changes no number. The flag stays
+    on the layers alone: GPT-2's model drops the key-value cache in training mode when its own flag is set, even
+    while sampling without gradients."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     if not getattr(model, "supports_gradient_checkpointing", False):
@@ -162,8 +163,10 @@ def enable_gradient_checkpointing(model, name: str) -> None:
     if not layers:
         raise UsageError(f"{name} ({type(model).__name__}) checkpoints outside its layers, which this project does "
                          "not support: drop --gradient-checkpointing")
-    for layer in layers:
-        layer.train()
+    for m in model.modules():
+        if hasattr(m, "gradient_checkpointing") and not isinstance(m, GradientCheckpointingLayer):
+            m.gradient_checkpointing = False
+    model.train()
 
 
 def make_critic(policy_path: str, tok, device, gradient_checkpointing: bool = False) -> ValueModel:

@@ -926,11 +926,28 @@ def test_gradient_checkpointing_keeps_less_and_changes_no_number(tiny_model):
 
 
 @needs_data
-def test_gradient_checkpointing_run_has_the_same_numbers(e2e, tiny_model, tmp_path):
-    """A whole ppo.main run with --gradient-checkpointing reports what the plain run reports."""
-    _, run_a, args_a = e2e("commongen")
+def test_gradient_checkpointing_run_has_the_same_numbers(e2e, tiny_model, tmp_path, monkeypatch):
+    """A whole ppo.main run with --gradient-checkpointing reports what the plain run reports, and every training
+    forward of policy and critic really is checkpointed (evaluation in between included)."""
+    _, run_a, args_a = e2e("imdb")  # its evaluation scores references with the policy (eval mode)
+    calls = []
+    real_enable = rt.enable_gradient_checkpointing
+
+    def counting_enable(model, name):
+        real_enable(model, name)
+        for m in model.modules():
+            if getattr(m, "gradient_checkpointing", False):
+                def counted(*a, _f=m._gradient_checkpointing_func, **k):
+                    calls.append(1)
+                    return _f(*a, **k)
+                m._gradient_checkpointing_func = counted
+
+    monkeypatch.setattr(rt, "enable_gradient_checkpointing", counting_enable)
     ppo.main(ppo.Args(**{**args_a.__dict__, "output_dir": str(tmp_path), "gradient_checkpointing": True}))
-    a, b = _train_lines(run_a), _train_lines(tmp_path / "commongen")
+    n_layer = 2  # the tiny model's
+    micro_batches = args_a.iterations * args_a.n_epochs * (args_a.rollouts_per_iteration // args_a.minibatch_size)
+    assert len(calls) == micro_batches * 2 * n_layer  # each micro-batch: policy and critic, every layer once
+    a, b = _train_lines(run_a), _train_lines(tmp_path / "imdb")
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b):
         for k in ra:
