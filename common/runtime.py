@@ -54,8 +54,12 @@ def return_freed_memory(threshold: int = 32 * 1024 * 1024):
     run back to back: IMDB 4.26 -> 3.89-3.93 s an iteration (549 -> 620-633 MiB), CommonGen 1.60 -> 1.40 s
     (399 -> 447 MiB, faults 735k -> 272k), TL;DR 6.73 -> 6.21 s (602 -> 667 MiB). Speed for memory: the
     heap keeps what the largest minibatch needed. Earlier, 256 KiB -> 4 MiB: IMDB 5.70 -> 3.92 s, CommonGen
-    1.69 -> 1.29 s, TL;DR 8.09 -> 5.89 s. No-op off glibc."""
+    1.69 -> 1.29 s, TL;DR 8.09 -> 5.89 s. No-op off glibc, and where the user set the threshold for glibc
+    (`MALLOC_MMAP_THRESHOLD_`, or `glibc.malloc.mmap_threshold` in `GLIBC_TUNABLES`): a low one trades time for
+    memory (README: Memory)."""
     if not sys.platform.startswith("linux"):
+        return
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
         return
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3 = M_MMAP_THRESHOLD

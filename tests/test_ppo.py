@@ -1118,6 +1118,28 @@ def test_model_folder_without_a_model_is_one_line(tmp_path):
     _assert_one_line_error(p, str(empty))
 
 
+@pytest.mark.parametrize("env", [{}, {"MALLOC_MMAP_THRESHOLD_": "1048576"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=1048576"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}])
+def test_mmap_threshold_is_fixed_unless_the_user_set_one(monkeypatch, env):
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(rt.sys, "platform", "linux")
+    monkeypatch.setattr(rt.ctypes, "CDLL", lambda name: FakeLibc())
+    for key in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    rt.return_freed_memory()
+    user_set = "MALLOC_MMAP_THRESHOLD_" in env or "mmap_threshold" in env.get("GLIBC_TUNABLES", "")
+    assert calls == ([] if user_set else [(-3, 32 * 1024 * 1024)])
+
+
 @needs_data
 def test_bad_kl_estimator_fails_before_any_work(tiny_model, tmp_path):
     """A typo in --kl-estimator must be caught with the other settings, before models are loaded and a run
