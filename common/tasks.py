@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from common.errors import UsageError
 DATA_DIR_ENV = "RLGF_DATA_DIR"
 
 
-@dataclass
+@dataclass(slots=True)
 class Example:
     prompt: str
     """the text the policy continues"""
@@ -183,7 +184,7 @@ def commongen_prompt(concepts: list[str]) -> str:
 def _commongen(rows: Iterable[dict], split: str) -> list[Example]:
     groups: OrderedDict = OrderedDict()  # one example per concept set, every reference kept
     for r in rows:
-        key = (r["concept_set_idx"], tuple(r["concepts"]))
+        key = (r["concept_set_idx"], tuple(sys.intern(c) for c in r["concepts"]))  # one copy of each concept word
         groups.setdefault(key, []).append(r["target"].strip())
     out = []
     for (_, concepts), targets in groups.items():
