@@ -217,6 +217,7 @@ def main(args: Args):
     # fused: one kernel per step instead of a Python loop over every tensor (~3x faster optimiser step on CPU)
     optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
+    rt.zero_gradients([policy, critic])  # allocated once, up front (see rt.zero_gradients)
     kl_ctl = AdaptiveKL(args.kl_coef, args.kl_target, args.kl_horizon)
     sampler = rt.PromptSampler(len(train), args.seed)
     run_dir = Path(args.resume) if args.resume else rt.run_dir_for(args.output_dir, ALGO, task.name, args.seed, args.run_name)
@@ -307,7 +308,7 @@ def main(args: Args):
                     mb = perm[mb_start: mb_start + mb_local]
                     n_pol = policy_mask[mb].sum().clamp(min=1)
                     n_val = value_mask[mb].sum().clamp(min=1)
-                    optimizer.zero_grad(set_to_none=True)
+                    rt.zero_gradients([policy, critic])
                     for micro_start in range(0, mb_local, args.micro_batch_size):
                         mi = mb[micro_start: micro_start + args.micro_batch_size].to(device)
                         # only this micro-batch's columns: its longest query and response, not the iteration's

@@ -173,6 +173,25 @@ def enable_gradient_checkpointing(model, name: str) -> None:
     model.train()
 
 
+def zero_gradients(trained, idle=()) -> None:
+    """Before each minibatch: the gradients of the models it trains, zeroed in place (allocated the first time),
+    and none for `idle` models, which AdamW then skips as before. In place, not `zero_grad(set_to_none=True)`:
+    gradients allocated afresh in every backward land between that backward's activations, and glibc's heap
+    fragments around them; called once more right after the optimizer is built, they sit next to the weights.
+    Benchmark peaks, PPO, two runs each: TL;DR 646 / 708 -> 566 / 562 MiB, IMDB 582 / 608 -> 563 / 545, at the
+    same speed. The numbers do not change: 0 + g = g."""
+    for model in trained:
+        for p in model.parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad.zero_()
+    for model in idle:
+        for p in model.parameters():
+            p.grad = None
+
+
 def make_critic(policy_path: str, tok, device, gradient_checkpointing: bool = False) -> ValueModel:
     """A separate value model (backbone + scalar head), initialised from the policy's backbone."""
     from transformers import AutoModel

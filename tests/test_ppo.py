@@ -926,6 +926,42 @@ def test_gradient_checkpointing_keeps_less_and_changes_no_number(tiny_model):
 
 
 @needs_data
+def test_gradients_zeroed_in_place_change_no_number(tiny_model, tmp_path, monkeypatch):
+    """rt.zero_gradients keeps each gradient in one buffer for the whole run (zeroed in place) and trains exactly
+    what fresh gradients every minibatch (`zero_grad(set_to_none=True)`) train: the same metrics and weights."""
+    real = rt.zero_gradients
+    buffers = {}
+
+    def recording(trained, idle=()):
+        real(trained, idle)
+        for model in trained:
+            for name, p in model.named_parameters():
+                buffers.setdefault((id(model), name), set()).add(p.grad.data_ptr())
+
+    def fresh(trained, idle=()):
+        for model in list(trained) + list(idle):
+            for p in model.parameters():
+                p.grad = None
+
+    runs = {}
+    for label, fn in (("in place", recording), ("fresh", fresh)):
+        monkeypatch.setattr(rt, "zero_gradients", fn)
+        args = _args("commongen", tiny_model("commongen"), tmp_path / label.replace(" ", "_"), lr_schedule="constant",
+                     lr=1e-3, kl_coef=0.01, eval_samples=2)
+        ppo.main(args)
+        runs[label] = Path(args.output_dir) / "commongen"
+    assert buffers and all(len(ptrs) == 1 for ptrs in buffers.values())
+    a, b = _read_jsonl(runs["in place"] / "metrics.jsonl"), _read_jsonl(runs["fresh"] / "metrics.jsonl")
+    assert len(a) == len(b) > 0
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if not k.startswith("time/"):
+                assert _same(ra[k], rb[k]), f"step {ra['step']} {k}: {ra[k]} != {rb[k]}"
+    sa, sb = _state(runs["in place"] / "policy"), _state(runs["fresh"] / "policy")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@needs_data
 def test_gradient_checkpointing_run_has_the_same_numbers(e2e, tiny_model, tmp_path, monkeypatch):
     """A whole ppo.main run with --gradient-checkpointing reports what the plain run reports, and every training
     forward of policy and critic really is checkpointed (evaluation in between included)."""
