@@ -12,8 +12,11 @@ models and batch shapes, measures the compute floor of the same work:
 - the reward computation alone,
 - n_epochs forward and backward passes of the trained model(s) (policy and critic) over the same tokens.
 
-The batch of the last three is the script's own last one (its prompts and responses, as its reference forward
-saw them), so uneven lengths cost the floor what they cost the script.
+The floor is measured for every counted iteration on that iteration's own work: its batch (prompts and
+responses as its reference forward saw them) and its sampling calls, so a batch of longer responses costs the
+floor what it costs the script. The ratio is the median over the counted iterations of iteration time / its
+floor. (Until session 10 one floor, of the last batch, was set against the median iteration: CommonGen's
+response lengths vary by ~20% between iterations, and its ratios swung 1.10-1.38 between runs.)
 
 It prints per iteration: wall time split into phases, generated tokens per second, peak memory, and the
 ratio iteration time / floor (the figure we track). Each (task, algorithm) runs in its own subprocess so
@@ -61,9 +64,9 @@ class Args:
     median"""
     device: str = "auto"
     """auto, cpu or cuda"""
-    floor_repeats: int = 3
-    """each part of the floor is timed this many times and its median counts (one slow call on a shared
-    machine would otherwise lower the ratio)"""
+    floor_repeats: int = 1
+    """each part of each iteration's floor is timed this many times and its median counts (the median over the
+    iterations already keeps one slow call on a shared machine from moving the ratio much)"""
     script_args: str = ""
     """extra flags for every script run, e.g. --script-args="--micro-batch-size 4 --gradient-checkpointing" (the
     memory trades of README: Memory); the floor stays the plain work of the default settings"""
@@ -106,7 +109,7 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
 
     import common.guides as guides_mod
     from common import runtime as rt
-    from common.generation import decode, forward_response, left_pad, used_columns
+    from common.generation import decode, forward_response, used_columns
     from common.models import embedded_models, load_causal_lm, load_tokenizer
     from common.presets import EMBEDDED
     from common.tasks import get_task
@@ -157,15 +160,17 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
             return out
         return wrapped
 
-    # the tokens the script trains on: the last full batch its reference forward scored (no grad); the floor
-    # runs on them, its generation from their prompts
-    trained: dict = {}
+    # the tokens the script trains on, iteration by iteration: the full batch its reference forward scored (no
+    # grad, once an iteration) and how many sampling calls had run by then; the floor of each iteration runs on
+    # its own batch and its own calls
+    trained: list[dict] = []
 
     def recording(fn):
         def wrapped(model, query_ids, query_mask, response_ids, response_mask, **kw):
             if not torch.is_grad_enabled() and len(query_ids) == EMBEDDED[task_name]["rollouts_per_iteration"]:
-                trained.update(qi=query_ids.clone(), qm=query_mask.clone(), ri=response_ids.clone(),
-                               rm=response_mask.clone())
+                trained.append(dict(qi=query_ids.clone(), qm=query_mask.clone(), ri=response_ids.clone(),
+                                    rm=response_mask.clone(), learner=len(calls["learner"]),
+                                    guide=len(calls["guide"])))
             return fn(model, query_ids, query_mask, response_ids, response_mask, **kw)
         return wrapped
 
@@ -183,91 +188,92 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
     peak_gpu = (torch.cuda.max_memory_allocated() - base_gpu) / 2**20 if on_cuda else None
     rows = [json.loads(l) for l in (Path(out_dir) / "bench" / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(out_dir, ignore_errors=True)  # its checkpoints: ~200 MiB a run, 15 runs a benchmark
-    it_rows = [r for r in rows if "time/iteration" in r][1:]  # drop the warm-up iteration
-    # the median of the counted iterations, like the floor's median of its repeats: on a shared machine a slow
-    # iteration would otherwise count against the script and a slow floor call would not count at all
+    all_rows = [r for r in rows if "time/iteration" in r]
+    if len(trained) != len(all_rows):
+        raise RuntimeError(f"{algo}: {len(trained)} full-batch reference forwards in {len(all_rows)} iterations; the "
+                           "benchmark reads each iteration's batch from its one reference forward")
+    it_rows, batches = all_rows[1:], trained[1:]  # drop the warm-up iteration
+    # each phase by its median over the counted iterations
     median = lambda k: float(np.median([r.get(k, 0.0) for r in it_rows]))  # noqa: E731
     phases = {k.split("/")[1]: median(k) for k in ("time/iteration", "time/guide_generate", "time/generate",
                                                    "time/forward", "time/reward", "time/update")}
     resp_len = float(np.mean([r["train/response_length"] for r in it_rows]))
 
-    # ---- 2. the compute floor of the same work, same models and shapes ----------------------------------
+    # ---- 2. the compute floor of the same work, same models and shapes, iteration by iteration ----------
     _, _, device = rt.setup_device(device_name)
     tok = load_tokenizer(em.policy)
     policy = load_causal_lm(em.policy, tok, device)
     ref = load_causal_lm(em.policy, tok, device)
     critic = rt.make_critic(em.policy, tok, device)
+    guide = load_causal_lm(em.guide, tok, device) if calls["guide"] else None
     B = preset["rollouts_per_iteration"]
     train = task.load("train", data_dir, limit=B)  # the reward's examples (its cost is the texts')
-    # the script's own prompts (CommonGen's first rows are shorter than its average), else the first B
-    if trained:
-        qi, qm = trained["qi"], trained["qm"]
-    else:
-        qi, qm = left_pad(rt.encode_prompts(task, tok, train, preset["prompt_tokens"]), tok.pad_token_id, device)
+    reward_fn = rt.make_reward(task, None, task.load("train", data_dir), device)
     gen_kwargs = dict(do_sample=True, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    # the learner samples from its full distribution; a model guide with its own settings (SPEC: top-p 0.92,
+    # IMDB also top-k 50), so its floor is `generate` with those settings: the nucleus is part of its work
+    settings = {"learner": dict(top_k=0, top_p=1.0),
+                "guide": dict(top_k=preset["guide_top_k"], top_p=preset["guide_top_p"])}
+    mb = preset["minibatch_size"]
 
     def timed(fn):
         times = []
         for _ in range(max(1, floor_repeats)):
             _sync(device)
             t0 = time.time()
-            r = fn()
+            fn()
             _sync(device)
             times.append(time.time() - t0)
-        return float(np.median(times)), r
+        return float(np.median(times))
 
-    # the learner samples from its full distribution; a model guide with its own settings (SPEC: top-p 0.92,
-    # IMDB also top-k 50), so its floor is `generate` with those settings: the nucleus is part of its work
-    settings = {"learner": dict(top_k=0, top_p=1.0),
-                "guide": dict(top_k=preset["guide_top_k"], top_p=preset["guide_top_p"])}
+    def floor_of(i: int) -> dict:
+        """The floor of iteration i (0 = the warm-up): its batch, its sampling calls."""
+        it, first = trained[i], trained[i - 1] if i > 0 else {"learner": 0, "guide": 0}
+        qi, qm, ri, rm = it["qi"], it["qm"], it["ri"], it["rm"]
 
-    def bare_generate(model, role):
-        """Bare `generate` calls producing the tokens the script's calls of `role` produced per iteration:
-        same number of calls, rows per call and new tokens per row (all rows run the mean length)."""
-        if not calls[role]:
-            return 0.0
-        n_calls = len(calls[role]) / iterations
-        rows = max(1, min(B, round(np.mean([r for r, _ in calls[role]]))))
-        new = round(sum(n for _, n in calls[role]) / sum(r for r, _ in calls[role]))
-        if new < 1:
-            return 0.0
-        t, _ = timed(lambda: model.generate(input_ids=qi[:rows], attention_mask=qm[:rows], max_new_tokens=new,
-                                            min_new_tokens=new, **{**gen_kwargs, **settings[role]}))
-        return t * n_calls
+        def bare_generate(model, role):
+            """Bare `generate` calls producing the tokens this iteration's calls of `role` produced: same number
+            of calls, rows per call and new tokens per row (all rows run the mean length)."""
+            mine = calls[role][first[role]:it[role]]
+            new = round(sum(n for _, n in mine) / max(1, sum(r for r, _ in mine)))
+            if not mine or new < 1:
+                return 0.0
+            rows = max(1, min(B, round(np.mean([r for r, _ in mine]))))
+            return len(mine) * timed(lambda: model.generate(
+                input_ids=qi[:rows], attention_mask=qm[:rows], max_new_tokens=new, min_new_tokens=new,
+                **{**gen_kwargs, **settings[role]}))
 
-    with torch.no_grad():
-        t_gen = bare_generate(policy, "learner")
-        t_guide = bare_generate(load_causal_lm(em.guide, tok, device), "guide") if calls["guide"] else 0.0
-        if trained:  # the script's own last batch: its responses and their lengths
-            ri, rm = trained["ri"], trained["rm"]
-        else:
-            L = max(1, round(resp_len))
-            seqs = policy.generate(input_ids=qi, attention_mask=qm, max_new_tokens=L, min_new_tokens=L, **gen_kwargs)
-            ri = seqs[:, qi.shape[1]:][:, :L]
-            if ri.shape[1] < L:
-                ri = torch.cat([ri, ri[:, -1:].expand(-1, L - ri.shape[1])], 1)
-            rm = torch.ones_like(ri)
-        # the LM head only on the response positions, as the script's forward does: a bare forward with logits
-        # at every prompt position too would inflate the floor (TL;DR's prompts are 256 tokens)
-        t_ref, _ = timed(lambda: ref(input_ids=torch.cat([qi, ri], 1), attention_mask=torch.cat([qm, rm], 1),
-                                     logits_to_keep=ri.shape[1] + 1).logits)
-    reward_fn = rt.make_reward(task, None, task.load("train", data_dir), device)
-    texts = decode(tok, [[t for t, m in zip(row, mrow) if m] for row, mrow in zip(ri.tolist(), rm.tolist())])
-    t_rew, _ = timed(lambda: reward_fn([e.prompt for e in train], texts, [e.references for e in train]))
-    mb = preset["minibatch_size"]
+        def train_passes():
+            for _ in range(preset["n_epochs"]):
+                for s in range(0, B, mb):
+                    q, t = used_columns(qm[s:s + mb], rm[s:s + mb])  # as the script: no all-padding columns
+                    part = qi[s:s + mb, q], qm[s:s + mb, q], ri[s:s + mb, t], rm[s:s + mb, t]
+                    lp, _ = forward_response(policy, *part, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                             min_new_tokens=0)
+                    v = critic(*part)
+                    (lp.mean() + v.mean()).backward()
 
-    def train_passes():
-        for _ in range(preset["n_epochs"]):
-            for s in range(0, B, mb):
-                q, t = used_columns(qm[s:s + mb], rm[s:s + mb])  # as the script: no all-padding columns
-                part = qi[s:s + mb, q], qm[s:s + mb, q], ri[s:s + mb, t], rm[s:s + mb, t]
-                lp, _ = forward_response(policy, *part, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                         min_new_tokens=0)
-                v = critic(*part)
-                (lp.mean() + v.mean()).backward()
+        with torch.no_grad():
+            f = {"generate": bare_generate(policy, "learner"),
+                 "guide_generate": bare_generate(guide, "guide") if guide is not None else 0.0,
+                 # the LM head only on the response positions, as the script's forward does: a bare forward with
+                 # logits at every prompt position too would inflate the floor (TL;DR's prompts are 256 tokens)
+                 "ref_forward": timed(lambda: ref(input_ids=torch.cat([qi, ri], 1),
+                                                  attention_mask=torch.cat([qm, rm], 1),
+                                                  logits_to_keep=ri.shape[1] + 1).logits)}
+        texts = decode(tok, [[t for t, m in zip(row, mrow) if m] for row, mrow in zip(ri.tolist(), rm.tolist())])
+        f["reward"] = timed(lambda: reward_fn([e.prompt for e in train], texts, [e.references for e in train]))
+        f["train"] = timed(train_passes)
+        return f
 
-    t_train, _ = timed(train_passes)
-    floor = t_gen + t_guide + t_ref + t_rew + t_train
+    floor_of(1)  # warm-up, not counted (the script's first iteration is not counted either)
+    floors = [floor_of(i) for i in range(1, len(trained))]
+    totals = [sum(f.values()) for f in floors]
+    # the figure: the median over the counted iterations of (iteration time / the floor of its own work). A batch
+    # of longer responses costs script and floor alike; one slow iteration or floor call on a shared machine moves
+    # the median little
+    ratios = [r["time/iteration"] / t for r, t in zip(it_rows, totals)]
+    fl = {k: float(np.median([f[k] for f in floors])) for k in floors[0]}
     params = sum(p.numel() for p in policy.parameters())
     n_models = {"ppo": 3, "ppo_plus_plus": 4, "aggrevated": 4, "lols": 5, "d2lols": 5}[algo]  # policy, ref, critic(s), guide
     # models + grads + AdamW states (2) of the trained ones, weights of the frozen ones, fp32
@@ -275,14 +281,17 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
     model_mib = params * 4 * (trained * 4 + (n_models - trained)) / 2**20
     return {"task": task_name, "algo": algo, **{f"t_{k}": v for k, v in phases.items()},
             "tokens_per_s": B * resp_len / max(phases["iteration"], 1e-9),
-            "floor": floor, "floor_generate": t_gen, "floor_guide_generate": t_guide, "floor_ref_forward": t_ref,
-            "floor_reward": t_rew, "floor_train": t_train, "ratio": phases["iteration"] / floor,
+            "floor": float(np.median(totals)), **{f"floor_{k}": v for k, v in fl.items()},
+            "ratio": float(np.median(ratios)), "ratios": ratios, "floors": floors,
+            "iterations": [{k.split("/")[1]: r.get(k, 0.0) for k in r if k.startswith("time/")} for r in it_rows],
             "peak_mib_above_imports": peak, "peak_gpu_mib": peak_gpu, "model_state_mib": model_mib,
             "memory_ratio": (peak_gpu if on_cuda else peak) / model_mib,
             "device": torch.cuda.get_device_name(device) if on_cuda else str(device)}
 
 
 def main(args: Args):
+    if args.iterations < 2:
+        raise SystemExit("--iterations must be at least 2: the first is a warm-up and is not counted")
     if args.one:
         task, algo = args.one.split(":")
         print("RESULT " + json.dumps(measure_one(task, algo, args.iterations, args.device, args.floor_repeats,

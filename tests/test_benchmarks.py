@@ -62,3 +62,39 @@ def test_report_tables_means_and_plots(tmp_path):
     # training reward over the second half of training (iterations 3 and 4)
     assert "| 48.000 ± 0.000 | 0.700 ± 0.000 | 0.350 ± 0.000 | - |" in drows["ppo"]
     assert "| 22.500 | 0.700 | 0.350 | - |" in drows["d2lols"]
+
+
+def test_throughput_sets_each_iteration_against_the_floor_of_its_own_work(tmp_path, monkeypatch):
+    """benchmarks/throughput.py on a tiny model (no embedded build): one floor per counted iteration, made of that
+    iteration's sampling calls and batch, and the ratio is the median of iteration time / its own floor."""
+    import pytest
+
+    from _tiny import build_tiny, has_data
+
+    if not has_data("commongen"):
+        pytest.skip("the local CommonGen data (../shared/data/common_gen) is absent")
+    import numpy as np
+    import torch
+
+    import throughput
+    from common import models, runtime
+    from common.models import EmbeddedModels
+
+    tiny = str(build_tiny("commongen", tmp_path / "tiny"))
+    fake = lambda task, data_dir, *a, **kw: EmbeddedModels(tiny, tiny, models.EMBEDDED[task.name])  # noqa: E731
+    monkeypatch.setattr(models, "embedded_models", fake)
+    monkeypatch.setattr(runtime, "embedded_models", fake)
+    monkeypatch.setenv("RLGF_DATA_DIR", str(REPO.parent / "shared" / "data"))
+    threads = torch.get_num_threads()
+    try:
+        r = throughput.measure_one("commongen", "lols", iterations=4, device_name="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert len(r["ratios"]) == len(r["floors"]) == len(r["iterations"]) == 3  # the warm-up iteration is not counted
+    for it, floor, ratio in zip(r["iterations"], r["floors"], r["ratios"]):
+        assert set(floor) == {"generate", "guide_generate", "ref_forward", "reward", "train"}
+        assert all(v > 0 for v in floor.values()), floor  # LOLS samples from the guide in every iteration
+        assert ratio == pytest.approx(it["iteration"] / sum(floor.values()))
+    assert r["ratio"] == pytest.approx(float(np.median(r["ratios"])))
+    assert r["floor_train"] == pytest.approx(float(np.median([f["train"] for f in r["floors"]])))
+    assert r["model_state_mib"] > 0 and r["peak_mib_above_imports"] > 0 and r["tokens_per_s"] > 0
