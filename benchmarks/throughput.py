@@ -72,6 +72,11 @@ class Args:
     memory trades of README: Memory); the floor stays the plain work of the default settings"""
     one: str | None = None
     """internal: 'task:algo' runs one measurement in this process and prints JSON"""
+    runs: int = 1
+    """measure every (task, algorithm) this many times, each in a fresh process, rounds in turn (the whole grid,
+    then again); with more than one, a summary gives the median ratio and peak of the runs. On this shared 2-core
+    VM a process runs ~10-15% faster or slower than the next for the same work, and its script and its floor do
+    not always share the luck"""
     json_out: str | None = None
     """write all results as JSON here"""
 
@@ -292,34 +297,46 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
 def main(args: Args):
     if args.iterations < 2:
         raise SystemExit("--iterations must be at least 2: the first is a warm-up and is not counted")
+    if args.runs < 1:
+        raise SystemExit("--runs must be at least 1")
     if args.one:
         task, algo = args.one.split(":")
         print("RESULT " + json.dumps(measure_one(task, algo, args.iterations, args.device, args.floor_repeats,
                                                  args.script_args)), flush=True)
         return
     results = []
-    for task in args.tasks:
-        for algo in args.algos:
-            cmd = [sys.executable, __file__, "--one", f"{task}:{algo}", "--iterations", str(args.iterations),
-                   "--device", args.device, "--floor-repeats", str(args.floor_repeats),
-                   f"--script-args={args.script_args}"]
-            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
-            if res.returncode or not line:
-                print(f"{task}/{algo}: failed:\n  " + "\n  ".join(res.stderr.strip().splitlines()[-5:]), flush=True)
-                continue
-            r = json.loads(line[0][7:])
-            results.append(r)
-            print(f"{task:<10}{algo:<14} iter {r['t_iteration']:6.2f}s = guide {r['t_guide_generate']:5.2f} + gen "
-                  f"{r['t_generate']:5.2f} + fwd {r['t_forward']:5.2f} + reward {r['t_reward']:5.2f} + update "
-                  f"{r['t_update']:5.2f} | floor {r['floor']:6.2f}s (gen {r['floor_generate']:.2f}, guide "
-                  f"{r['floor_guide_generate']:.2f}, ref {r['floor_ref_forward']:.2f}, reward {r['floor_reward']:.2f}, "
-                  f"train {r['floor_train']:.2f}) | ratio {r['ratio']:.2f} | {r['tokens_per_s']:.0f} tok/s | "
-                  f"peak {r['peak_mib_above_imports']:.0f} MiB"
-                  + (f" (GPU {r['peak_gpu_mib']:.0f} MiB)" if r["peak_gpu_mib"] is not None else "")
-                  + f" vs models {r['model_state_mib']:.0f} MiB ({r['memory_ratio']:.1f}x) | {r['device']}", flush=True)
-            if args.json_out:  # after every run: an interrupted benchmark keeps what it measured
-                Path(args.json_out).write_text(json.dumps(results, indent=1))
+    for run, task, algo in ((r, t, a) for r in range(args.runs) for t in args.tasks for a in args.algos):
+        cmd = [sys.executable, __file__, "--one", f"{task}:{algo}", "--iterations", str(args.iterations),
+               "--device", args.device, "--floor-repeats", str(args.floor_repeats),
+               f"--script-args={args.script_args}"]
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        line = [l for l in res.stdout.splitlines() if l.startswith("RESULT ")]
+        if res.returncode or not line:
+            print(f"{task}/{algo}: failed:\n  " + "\n  ".join(res.stderr.strip().splitlines()[-5:]), flush=True)
+            continue
+        r = {**json.loads(line[0][7:]), "run": run}
+        results.append(r)
+        print(f"{task:<10}{algo:<14} iter {r['t_iteration']:6.2f}s = guide {r['t_guide_generate']:5.2f} + gen "
+              f"{r['t_generate']:5.2f} + fwd {r['t_forward']:5.2f} + reward {r['t_reward']:5.2f} + update "
+              f"{r['t_update']:5.2f} | floor {r['floor']:6.2f}s (gen {r['floor_generate']:.2f}, guide "
+              f"{r['floor_guide_generate']:.2f}, ref {r['floor_ref_forward']:.2f}, reward {r['floor_reward']:.2f}, "
+              f"train {r['floor_train']:.2f}) | ratio {r['ratio']:.2f} | {r['tokens_per_s']:.0f} tok/s | "
+              f"peak {r['peak_mib_above_imports']:.0f} MiB"
+              + (f" (GPU {r['peak_gpu_mib']:.0f} MiB)" if r["peak_gpu_mib"] is not None else "")
+              + f" vs models {r['model_state_mib']:.0f} MiB ({r['memory_ratio']:.1f}x) | {r['device']}", flush=True)
+        if args.json_out:  # after every run: an interrupted benchmark keeps what it measured
+            Path(args.json_out).write_text(json.dumps(results, indent=1))
+    if args.runs > 1:
+        import statistics
+
+        print(f"median of {args.runs} runs: ratio [each run], peak MiB above imports [each run] (x models + optimiser)")
+        for task, algo in ((t, a) for t in args.tasks for a in args.algos):
+            mine = [r for r in results if r["task"] == task and r["algo"] == algo]
+            if mine:
+                ratios, peaks = [r["ratio"] for r in mine], [r["peak_mib_above_imports"] for r in mine]
+                print(f"{task:<10}{algo:<14} ratio {statistics.median(ratios):.2f} [{', '.join(f'{x:.2f}' for x in ratios)}]"
+                      f" | peak {statistics.median(peaks):.0f} MiB [{', '.join(f'{x:.0f}' for x in peaks)}] "
+                      f"({statistics.median(peaks) / mine[0]['model_state_mib']:.2f}x)", flush=True)
 
 
 if __name__ == "__main__":
