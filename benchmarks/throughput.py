@@ -26,6 +26,7 @@ tensors there, which is then the figure the memory ratio reads.
     RLGF_DATA_DIR=../shared/data python benchmarks/throughput.py
     RLGF_DATA_DIR=../shared/data python benchmarks/throughput.py --tasks imdb --algos ppo d2lols --iterations 4
     RLGF_DATA_DIR=../shared/data python benchmarks/throughput.py --tasks imdb --script-args="--gradient-checkpointing"
+    RLGF_DATA_DIR=../shared/data python benchmarks/throughput.py --tasks commongen --runs 3   # median of 3 processes
 """
 
 from __future__ import annotations
