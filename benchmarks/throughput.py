@@ -15,8 +15,8 @@ models and batch shapes, measures the compute floor of the same work:
 The floor is measured for every counted iteration on that iteration's own work: its batch (prompts and
 responses as its reference forward saw them) and its sampling calls, so a batch of longer responses costs the
 floor what it costs the script. The ratio is the median over the counted iterations of iteration time / its
-floor. (Until session 10 one floor, of the last batch, was set against the median iteration: CommonGen's
-response lengths vary by ~20% between iterations, and its ratios swung 1.10-1.38 between runs.)
+floor. (Until session 10 one floor, of the last batch, was set against the median iteration, though CommonGen's
+mean response length varies by ~20% from one iteration to the next.)
 
 It prints per iteration: wall time split into phases, generated tokens per second, peak memory, and the
 ratio iteration time / floor (the figure we track). Each (task, algorithm) runs in its own subprocess so
@@ -169,12 +169,12 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
     # the tokens the script trains on, iteration by iteration: the full batch its reference forward scored (no
     # grad, once an iteration) and how many sampling calls had run by then; the floor of each iteration runs on
     # its own batch and its own calls
-    trained: list[dict] = []
+    batches: list[dict] = []
 
     def recording(fn):
         def wrapped(model, query_ids, query_mask, response_ids, response_mask, **kw):
             if not torch.is_grad_enabled() and len(query_ids) == EMBEDDED[task_name]["rollouts_per_iteration"]:
-                trained.append(dict(qi=query_ids.clone(), qm=query_mask.clone(), ri=response_ids.clone(),
+                batches.append(dict(qi=query_ids.clone(), qm=query_mask.clone(), ri=response_ids.clone(),
                                     rm=response_mask.clone(), learner=len(calls["learner"]),
                                     guide=len(calls["guide"])))
             return fn(model, query_ids, query_mask, response_ids, response_mask, **kw)
@@ -195,10 +195,10 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
     rows = [json.loads(l) for l in (Path(out_dir) / "bench" / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(out_dir, ignore_errors=True)  # its checkpoints: ~200 MiB a run, 15 runs a benchmark
     all_rows = [r for r in rows if "time/iteration" in r]
-    if len(trained) != len(all_rows):
-        raise RuntimeError(f"{algo}: {len(trained)} full-batch reference forwards in {len(all_rows)} iterations; the "
+    if len(batches) != len(all_rows):
+        raise RuntimeError(f"{algo}: {len(batches)} full-batch reference forwards in {len(all_rows)} iterations; the "
                            "benchmark reads each iteration's batch from its one reference forward")
-    it_rows, batches = all_rows[1:], trained[1:]  # drop the warm-up iteration
+    it_rows = all_rows[1:]  # drop the warm-up iteration
     # each phase by its median over the counted iterations
     median = lambda k: float(np.median([r.get(k, 0.0) for r in it_rows]))  # noqa: E731
     phases = {k.split("/")[1]: median(k) for k in ("time/iteration", "time/guide_generate", "time/generate",
@@ -234,7 +234,7 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
 
     def floor_of(i: int) -> dict:
         """The floor of iteration i (0 = the warm-up): its batch, its sampling calls."""
-        it, first = trained[i], trained[i - 1] if i > 0 else {"learner": 0, "guide": 0}
+        it, first = batches[i], batches[i - 1] if i > 0 else {"learner": 0, "guide": 0}
         qi, qm, ri, rm = it["qi"], it["qm"], it["ri"], it["rm"]
 
         def bare_generate(model, role):
@@ -273,7 +273,7 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
         return f
 
     floor_of(1)  # warm-up, not counted (the script's first iteration is not counted either)
-    floors = [floor_of(i) for i in range(1, len(trained))]
+    floors = [floor_of(i) for i in range(1, len(batches))]
     totals = [sum(f.values()) for f in floors]
     # the figure: the median over the counted iterations of (iteration time / the floor of its own work). A batch
     # of longer responses costs script and floor alike; one slow iteration or floor call on a shared machine moves
