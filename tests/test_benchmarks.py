@@ -1,4 +1,5 @@
-"""benchmarks/reproduce.py: the grid's order and filters, and the report built from finished run folders."""
+"""benchmarks/reproduce.py: the grid's order and filters, and the report built from finished run folders;
+benchmarks/throughput.py: one floor per counted iteration, of its own work."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import reproduce  # noqa: E402
+import throughput  # noqa: E402
 
 
 def test_grid_is_seed_major_and_filters_guides():
@@ -67,16 +73,10 @@ def test_report_tables_means_and_plots(tmp_path):
 def test_throughput_sets_each_iteration_against_the_floor_of_its_own_work(tmp_path, monkeypatch):
     """benchmarks/throughput.py on a tiny model (no embedded build): one floor per counted iteration, made of that
     iteration's sampling calls and batch, and the ratio is the median of iteration time / its own floor."""
-    import pytest
-
     from _tiny import build_tiny, has_data
 
     if not has_data("commongen"):
         pytest.skip("the local CommonGen data (../shared/data/common_gen) is absent")
-    import numpy as np
-    import torch
-
-    import throughput
     from common import models, runtime
     from common.models import EmbeddedModels
 
