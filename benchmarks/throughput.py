@@ -108,7 +108,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure_one(task_name: str, algo: str, iterations: int, device_name: str, floor_repeats: int = 3,
+def measure_one(task_name: str, algo: str, iterations: int, device_name: str, floor_repeats: int = 1,
                 script_args: str = "") -> dict:
     import numpy as np
     import torch
