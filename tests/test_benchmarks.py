@@ -45,29 +45,66 @@ def _fake_run(runs_dir: Path, name: str, initial: float, final: float):
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
 
 
-def test_report_tables_means_and_plots(tmp_path):
+def _table_after(text: str, caption: str) -> dict[str, list[str]]:
+    """The Markdown table that follows the line starting with `caption`: first cell -> the row's cells."""
+    lines = text[text.index(caption):].splitlines()[1:]
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = {}
+    for line in lines[first + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_report_tables_means_and_plots(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
     runs = tmp_path / "runs"
     _fake_run(runs, "ppo-none-imdb-seed1", 0.5, 0.6)
     _fake_run(runs, "ppo-none-imdb-seed2", 0.5, 0.8)
+    _fake_run(runs, "ppo-none-imdb-seed3", 0.5, 0.7)
     _fake_run(runs, "d2lols-model-imdb-seed1", 0.5, 0.9)
-    (tmp_path / "res").mkdir()
-    (tmp_path / "res" / "guides.json").write_text(json.dumps({"imdb/model": {"reward": 0.65, "kl": None}}))
-    args = reproduce.Args(tasks=["imdb"], seeds=[1, 2], algos=["ppo", "d2lols"], runs_dir=str(runs),
-                          results_dir=str(tmp_path / "res"), report_only=True)
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "guides.json").write_text(json.dumps({"imdb/model": {"reward": 0.65, "kl": None}}))
+    # hand-written notes below the mark survive the regeneration; the generated part above it is replaced
+    (res / "README.md").write_text("old generated table\n" + reproduce.NOTES_MARK + "\nWhy: a reading.\n")
+    bands = []
+    real_fill = Axes.fill_between
+    monkeypatch.setattr(Axes, "fill_between", lambda self, x, lo, hi, **kw: (
+        bands.append((list(x), list(lo), list(hi))), real_fill(self, x, lo, hi, **kw))[1])
+    args = reproduce.Args(tasks=["imdb"], seeds=[1, 2, 3], algos=["ppo", "d2lols"], runs_dir=str(runs),
+                          results_dir=str(res), report_only=True)
     reproduce.report(args)
-    table = (tmp_path / "res" / "README.md").read_text()
-    results, diag = table.split("Training diagnostics")
-    rows = {line.split("|")[1].strip(): line for line in results.splitlines() if line.startswith("| ")}
-    drows = {line.split("|")[1].strip(): line for line in diag.splitlines() if line.startswith("| ")}
-    assert "| 2 | 0.700 ± 0.100 |" in rows["ppo"]  # mean ± std over the two seeds
-    assert "| 1 | 0.900 |" in rows["d2lols"]
-    assert "0.650" in rows["the guide alone"]
-    assert "| - | 0.500 ± 0.000 |" in rows["initial policy"]  # the same evaluation in every run
-    assert (tmp_path / "res" / "imdb.png").stat().st_size > 1000
+    text = (res / "README.md").read_text()
+    assert "old generated table" not in text and text.endswith(reproduce.NOTES_MARK + "\nWhy: a reading.\n")
+
+    # 0.6, 0.8, 0.7: mean 0.7, sample std 0.1, standard error 0.1 / sqrt(3) = 0.0577
+    final = _table_after(text, "Final validation metrics")
+    assert final["ppo"][:4] == ["ppo", "-", "3", "0.700 ± 0.058"]
+    assert final["d2lols"][:4] == ["d2lols", "model", "1", "0.900"]
+    assert final["the guide alone"][3] == "0.650"
+    assert final["initial policy"][3] == "0.500 ± 0.000"  # the same evaluation in every run
+    per_seed = _table_after(text, "Per seed")
+    assert per_seed["ppo"][2:5] == ["1, 2, 3", "0.600 / 0.800 / 0.700", "0.700 ± 0.058"]
+    assert per_seed["d2lols"][2:5] == ["1", "0.900", "0.900"]
+    comparison = _table_after(text, "Final validation value")
+    assert comparison["ppo"][1] == "0.700 ± 0.058" and comparison["d2lols"][1] == "0.900"
+    assert comparison["the guide alone"][1] == "0.650"  # one guide per task: one row per algorithm
+
+    # the plot: a band from the lowest to the highest seed for the 3-seed configuration, none for one seed
+    assert (res / "imdb.png").stat().st_size > 1000
+    assert len(bands) == 1
+    steps, lo, hi = bands[0]
+    assert steps == [0, 4] and lo == [0.5, 0.6] and hi == [0.5, 0.8]
+
     # diagnostics: PPO trains every token, a guided run its learner tokens (all iterations); the critic and the
     # training reward over the second half of training (iterations 3 and 4)
-    assert "| 48.000 ± 0.000 | 0.700 ± 0.000 | 0.350 ± 0.000 | - |" in drows["ppo"]
-    assert "| 22.500 | 0.700 | 0.350 | - |" in drows["d2lols"]
+    diag = _table_after(text, "Training diagnostics")
+    assert diag["ppo"][2:] == ["48.000 ± 0.000", "0.700 ± 0.000", "0.350 ± 0.000", "-"]
+    assert diag["d2lols"][2:] == ["22.500", "0.700", "0.350", "-"]
 
 
 def test_throughput_sets_each_iteration_against_the_floor_of_its_own_work(tmp_path, monkeypatch):
