@@ -436,7 +436,7 @@ def main(args: Args):
             upd = dict(zip(logged, torch.stack([torch.stack(stats[k]).mean() for k in logged]).tolist()))
             t_upd = time.time() - t0
 
-            # ---- logging (fixed metric names, see README) --------------------------------------
+            # ---- logging (fixed metric names, docs/metrics.md) ---------------------------------
             kl_seq = float(rt.all_reduce_mean(kl.sum(1).mean(), world))
             kl_ctl.update(kl_seq, args.rollouts_per_iteration)
             score_mean = float(rt.all_reduce_mean(scores.mean(), world))

@@ -15,7 +15,7 @@ models and batch shapes, measures the compute floor of the same work:
 The floor is measured for every counted iteration on that iteration's own work: its batch (prompts and
 responses as its reference forward saw them) and its sampling calls, so a batch of longer responses costs the
 floor what it costs the script. The ratio is the median over the counted iterations of iteration time / its
-floor. (Until session 10 one floor, of the last batch, was set against the median iteration, though CommonGen's
+floor. (One floor, of one batch, set against every iteration would move the ratio with that batch: CommonGen's
 mean response length varies by ~20% from one iteration to the next.)
 
 It prints per iteration: wall time split into phases, generated tokens per second, peak memory, and the

@@ -48,13 +48,13 @@ def return_freed_memory(threshold: int = 32 * 1024 * 1024):
       5-minute TL;DR run); at 4 MiB the [tokens, vocab] logits and the embedding's gradient still went that
       way (CommonGen PPO: 735k faults in 6 iterations, 272k at 32 MiB).
     - Fixed, not glibc's default: that raises the threshold as large blocks are freed, and its heap
-      fragmented and never shrank (IMDB PPO once peaked at 1324 MiB RSS).
+      fragmented and never shrank (IMDB PPO peaked at 1324 MiB RSS with it).
 
-    PPO, mean of iterations 2-4 (2-6 for CommonGen), the benchmark's peak above imports, 4 -> 32 MiB, pairs
-    run back to back: IMDB 4.26 -> 3.89-3.93 s an iteration (549 -> 620-633 MiB), CommonGen 1.60 -> 1.40 s
-    (399 -> 447 MiB, faults 735k -> 272k), TL;DR 6.73 -> 6.21 s (602 -> 667 MiB). Speed for memory: the
-    heap keeps what the largest minibatch needed. Earlier, 256 KiB -> 4 MiB: IMDB 5.70 -> 3.92 s, CommonGen
-    1.69 -> 1.29 s, TL;DR 8.09 -> 5.89 s. No-op off glibc, and where the user set the threshold for glibc
+    PPO, mean of iterations 2-4 (2-6 for CommonGen), the benchmark's peak above imports, threshold 256 KiB / 4 MiB
+    / 32 MiB (pairs run back to back): IMDB 5.70 / 3.92 / 3.89-3.93 s an iteration, CommonGen 1.69 / 1.29 / 1.40 s
+    (4 MiB against 32 MiB in one pair: 1.60 against 1.40 s, faults 735k against 272k), TL;DR 8.09 / 5.89 / 6.21 s
+    (4 MiB against 32 MiB: 6.73 against 6.21 s). Speed for memory: the heap keeps what the largest minibatch
+    needed (peak at 4 MiB / 32 MiB: IMDB 549 / 620-633 MiB, CommonGen 399 / 447, TL;DR 602 / 667). No-op off glibc, and where the user set the threshold for glibc
     (`MALLOC_MMAP_THRESHOLD_`, or `glibc.malloc.mmap_threshold` in `GLIBC_TUNABLES`): a low one trades time for
     memory (README: Memory)."""
     if not sys.platform.startswith("linux"):
@@ -175,11 +175,11 @@ def enable_gradient_checkpointing(model, name: str) -> None:
 
 def zero_gradients(trained, idle=()) -> None:
     """Before each minibatch: the gradients of the models it trains, zeroed in place (allocated the first time),
-    and none for `idle` models, which AdamW then skips as before. In place, not `zero_grad(set_to_none=True)`:
+    and none for `idle` models, which AdamW then skips. In place, not `zero_grad(set_to_none=True)`:
     gradients allocated afresh in every backward land between that backward's activations, and glibc's heap
     fragments around them; called once more right after the optimizer is built, they sit next to the weights.
-    Benchmark peaks, PPO, two runs each: TL;DR 646 / 708 -> 566 / 562 MiB, IMDB 582 / 608 -> 563 / 545, at the
-    same speed. The numbers do not change: 0 + g = g."""
+    Benchmark peaks, PPO, two runs each, fresh gradients against these: TL;DR 646 / 708 against 566 / 562 MiB,
+    IMDB 582 / 608 against 563 / 545, at the same speed. The numbers do not change: 0 + g = g."""
     for model in trained:
         for p in model.parameters():
             if p.requires_grad:
