@@ -1,5 +1,5 @@
-"""The four guided scripts (ppo_plus_plus.py, aggrevated.py, lols.py, d2lols.py) against SPEC section 2
-and the official code's defects of SPEC section 5.
+"""The four guided scripts (ppo_plus_plus.py, aggrevated.py, lols.py, d2lols.py) against the roll-in / roll-out
+table of the README and its list of the official code's defects (Where we differ from the official code).
 
 Every test runs a script's `main` in-process on tiny random models (tests/_tiny.py) and watches it
 through the module-level names it calls (`sample`, `guide_continue`, `forward_response`, `compute_gae`,
