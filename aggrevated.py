@@ -257,7 +257,7 @@ def main(args: Args):
         policy.load_state_dict(ck["policy"]), critic.load_state_dict(ck["critic"])
         optimizer.load_state_dict(ck["optimizer"]), sampler.load_state_dict(ck["sampler"])
         kl_ctl.value, start = ck["kl_coef"], ck["iteration"] + 1
-        mix_rng.setstate(ck["mix_rng"])
+        mix_rng.setstate(rt.own_rank(ck["mix_rng"]))
         rt.set_rng_state(ck["rng"])
     policy_t, critic_t = rt.wrap_for_training([policy, critic], optimizer, world, args.fsdp)
     logger = rt.RunLogger(run_dir, args, enabled=rank == 0, resume_from=start if args.resume else None)
@@ -275,7 +275,7 @@ def main(args: Args):
             "policy": rt.full_state_dict(policy, rank), "critic": rt.full_state_dict(critic, rank),
             "optimizer": rt.full_optimizer_state(optimizer, rank),
             "sampler": sampler.state_dict(), "kl_coef": kl_ctl.value, "iteration": it, "rng": rt.rng_state(), "first_eval": first_eval,
-            "mix_rng": mix_rng.getstate()})
+            "mix_rng": rt.per_rank(mix_rng.getstate())})
 
     first_eval = (ck["first_eval"] if args.resume else run_eval(start - 1)) if evaluates else None
     local = args.rollouts_per_iteration // world

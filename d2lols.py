@@ -263,7 +263,7 @@ def main(args: Args):
         guide_critic.load_state_dict(ck["guide_critic"])
         optimizer.load_state_dict(ck["optimizer"]), sampler.load_state_dict(ck["sampler"])
         kl_ctl.value, start = ck["kl_coef"], ck["iteration"] + 1
-        mix_rng.setstate(ck["mix_rng"])
+        mix_rng.setstate(rt.own_rank(ck["mix_rng"]))
         rt.set_rng_state(ck["rng"])
     critics = {"ppo++": critic, "aggrevated": guide_critic}
     policy_t, *critic_handles = rt.wrap_for_training([policy, *critics.values()], optimizer, world, args.fsdp)
@@ -284,7 +284,7 @@ def main(args: Args):
             "guide_critic": rt.full_state_dict(critics["aggrevated"], rank),
             "optimizer": rt.full_optimizer_state(optimizer, rank),
             "sampler": sampler.state_dict(), "kl_coef": kl_ctl.value, "iteration": it, "rng": rt.rng_state(), "first_eval": first_eval,
-            "mix_rng": mix_rng.getstate()})
+            "mix_rng": rt.per_rank(mix_rng.getstate())})
 
     first_eval = (ck["first_eval"] if args.resume else run_eval(start - 1)) if evaluates else None
     local = args.rollouts_per_iteration // world

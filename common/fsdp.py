@@ -116,12 +116,13 @@ def shard(models: list[nn.Module], optimizer: torch.optim.Optimizer | None, devi
     for g in optimizer.param_groups:
         g["params"] = [remap[id(p)] for p in g["params"]]
     flat = [p for g in optimizer.param_groups for p in g["params"]]
-    for idx, st in saved["state"].items():
+    for idx, st in list(saved["state"].items()):  # new dicts: state_dict() shares them with the optimizer
         p = flat[idx]
         if isinstance(p, DTensor):
-            for k, v in st.items():
-                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
-                    st[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+            saved["state"][idx] = {
+                k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape else v
+                for k, v in st.items()}
     optimizer.state.clear()
     optimizer.load_state_dict(saved)
 

@@ -451,11 +451,31 @@ def load_checkpoint(run_dir: Path, args) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+def per_rank(state):
+    """`state` of every process, a list by rank, under torchrun (every process must call it): each process
+    samples its own rollouts, so a resumed run needs each one's random state. One process: `state`."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return state
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, state)
+    return out
 
 
-def set_rng_state(s: dict):
+def own_rank(saved):
+    """This process's entry of what `per_rank` saved; a one-process checkpoint's state as it is (a run resumed
+    on another number of processes continues, with other random numbers)."""
+    if not isinstance(saved, list):
+        return saved
+    return saved[_rank()] if len(saved) == (dist.get_world_size() if dist.is_initialized() else 1) else saved[0]
+
+
+def rng_state():
+    """The random states of Python, numpy and torch, per process (`per_rank`: every process calls it)."""
+    return per_rank({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()})
+
+
+def set_rng_state(s):
+    s = own_rank(s)
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.random.set_rng_state(s["torch"])
