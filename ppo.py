@@ -41,6 +41,10 @@ class Args:
     """folder laid out like ../shared/data (JSONL in the hub's schemas); default: $RLGF_DATA_DIR, else the Hub"""
     policy_model: str | None = None
     """learner's initial model, hub id or folder; default: the task's embedded model (built once, cached)"""
+    preset: str = "auto"
+    """per-task settings: paper (the paper's, and with no --policy-model / --guide-model / --reward-model the
+    paper's hub models and their LoRA / 4-bit set-up), embedded (sized for the offline embedded models), auto
+    (embedded for the embedded models, else the paper's settings for the given model); flags given win"""
     reward_model: str | None = None
     """IMDB: a sentiment classifier (paper: lvwerra/distilbert-imdb), default VADER; TL;DR: a reward model
     (sequence classifier), default ROUGE-L against the reference; unused by CommonGen (CIDEr-D + SPICE)"""
@@ -197,7 +201,7 @@ def main(args: Args):
     rt.quiet_libraries()
     task = get_task(args.task)
     data_dir = resolve_data_dir(args.data_dir)
-    args = fill_presets(args, task.name, embedded=args.policy_model is None)
+    args = fill_presets(args, task.name, args.preset)
     args = dataclasses.replace(
         args, min_new_tokens=task.min_new_tokens if args.min_new_tokens is None else args.min_new_tokens,
         max_new_tokens=args.max_new_tokens or task.max_new_tokens,

@@ -109,6 +109,9 @@ def wrap_for_training(models: list, optimizer, world: int, fsdp: bool = False) -
     if fsdp:
         from common.fsdp import shard
 
+        if any(type(p).__name__ in ("Params4bit", "Int8Params") for m in models for p in m.parameters()):
+            raise UsageError("--fsdp does not shard 4-bit / 8-bit (bitsandbytes) weights: drop --fsdp (one GPU, or "
+                             "DDP with one model copy per GPU) or load the model unquantised")
         shard(models, optimizer, _RUN["device"], world)
         return list(models)
     if world > 1:
