@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import tyro
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import runtime as rt
 from common.errors import UsageError, one_line_errors
@@ -42,6 +41,10 @@ class Args:
     """folder laid out like ../shared/data (JSONL in the hub's schemas); default: $RLGF_DATA_DIR, else the Hub"""
     policy_model: str | None = None
     """learner's initial model, hub id or folder; default: the task's embedded model (built once, cached)"""
+    preset: str = "auto"
+    """per-task settings: paper (the paper's, and with no --policy-model / --guide-model / --reward-model the
+    paper's hub models and their LoRA / 4-bit set-up), embedded (sized for the offline embedded models), auto
+    (embedded for the embedded models, else the paper's settings for the given model); flags given win"""
     reward_model: str | None = None
     """IMDB: a sentiment classifier (paper: lvwerra/distilbert-imdb), default VADER; TL;DR: a reward model
     (sequence classifier), default ROUGE-L against the reference; unused by CommonGen (CIDEr-D + SPICE)"""
@@ -55,6 +58,10 @@ class Args:
     """seed of every random number generator"""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda"""
+    fsdp: bool = False
+    """shard policy, critic(s) and optimiser state over the torchrun processes with PyTorch FSDP (one unit per
+    transformer layer) instead of replicating them with DDP: for models whose training state does not fit one
+    GPU. Every process samples and evaluates; the frozen reference and guide stay whole (docs/scaling.md)"""
     bf16: bool = False
     """bf16 autocast in every forward pass: ~1.5x faster on CPUs with AVX-512 BF16 and on recent GPUs; sampling
     and training log-probs then agree to ~1e-2 instead of ~1e-6"""
@@ -194,15 +201,16 @@ def main(args: Args):
     rt.quiet_libraries()
     task = get_task(args.task)
     data_dir = resolve_data_dir(args.data_dir)
-    args = fill_presets(args, task.name, embedded=args.policy_model is None)
+    args = fill_presets(args, task.name, args.preset)
     args = dataclasses.replace(
         args, min_new_tokens=task.min_new_tokens if args.min_new_tokens is None else args.min_new_tokens,
         max_new_tokens=args.max_new_tokens or task.max_new_tokens,
         save_interval=args.save_interval or args.eval_interval)
-    rank, world, device = rt.setup_device(args.device, args.bf16)
+    rank, world, device = rt.setup_device(args.device, args.bf16, args.fsdp)
     args = dataclasses.replace(args, micro_batch_size=args.micro_batch_size or args.minibatch_size // world)
     check_args(args, world)
     log = print if rank == 0 else (lambda *a, **k: None)
+    evaluates = rank == 0 or args.fsdp  # a sharded policy samples only with every process taking part
 
     # ---- data, models, reward -------------------------------------------------------------------
     train = task.load("train", data_dir)
@@ -228,8 +236,7 @@ def main(args: Args):
         optimizer.load_state_dict(ck["optimizer"]), sampler.load_state_dict(ck["sampler"])
         kl_ctl.value, start = ck["kl_coef"], ck["iteration"] + 1
         rt.set_rng_state(ck["rng"])
-    policy_t = DDP(policy) if world > 1 else policy
-    critic_t = DDP(critic) if world > 1 else critic
+    policy_t, critic_t = rt.wrap_for_training([policy, critic], optimizer, world, args.fsdp)
     logger = rt.RunLogger(run_dir, args, enabled=rank == 0, resume_from=start if args.resume else None)
     log(f"{ALGO} on {task.name}: policy {policy_path}, {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M "
         f"params, {world} process(es) on {device}; run folder {run_dir}")
@@ -240,13 +247,13 @@ def main(args: Args):
         logger.table("eval/samples", ["prompt", "response", "reward"], rows, step, args.sample_rows)
         return m
 
-    def checkpoint(it):
-        if rank == 0:
-            rt.save_checkpoint(run_dir / "checkpoint.pt", {
-                "policy": policy.state_dict(), "critic": critic.state_dict(), "optimizer": optimizer.state_dict(),
-                "sampler": sampler.state_dict(), "kl_coef": kl_ctl.value, "iteration": it, "rng": rt.rng_state(), "first_eval": first_eval})
+    def checkpoint(it):  # every process: under FSDP the full state dicts are gathered from all of them
+        rt.save_checkpoint(run_dir / "checkpoint.pt", {
+            "policy": rt.full_state_dict(policy, rank), "critic": rt.full_state_dict(critic, rank),
+            "optimizer": rt.full_optimizer_state(optimizer, rank),
+            "sampler": sampler.state_dict(), "kl_coef": kl_ctl.value, "iteration": it, "rng": rt.rng_state(), "first_eval": first_eval})
 
-    first_eval = (ck["first_eval"] if args.resume else run_eval(start - 1)) if rank == 0 else None
+    first_eval = (ck["first_eval"] if args.resume else run_eval(start - 1)) if evaluates else None
     local = args.rollouts_per_iteration // world
     mb_local = args.minibatch_size // world
     progress = rt.progress_bar(range(start, args.iterations + 1), enabled=rank == 0)
@@ -383,19 +390,18 @@ def main(args: Args):
 
             # ---- line 7: evaluation and checkpoints --------------------------------------------
             last_eval = None
-            if rank == 0 and (it % args.eval_interval == 0 or it == args.iterations):
+            if evaluates and (it % args.eval_interval == 0 or it == args.iterations):
                 last_eval = run_eval(it)
             if it % args.save_interval == 0 or it == args.iterations:
                 checkpoint(it)
     except KeyboardInterrupt:
         if rank == 0:
-            rt.save_final(policy, critic, tok, run_dir)
-            print(f"\ninterrupted: policy saved to {run_dir / 'policy'}; continue with --resume {run_dir}", file=sys.stderr)
+            print(rt.save_interrupted(policy, critic, tok, run_dir), file=sys.stderr)
         raise SystemExit(130)
 
+    final = (last_eval if last_eval is not None else run_eval(args.iterations)) if evaluates else None
+    rt.save_final(policy, critic, tok, run_dir)  # every process: under FSDP the weights are gathered
     if rank == 0:
-        final = last_eval if last_eval is not None else run_eval(args.iterations)
-        rt.save_final(policy, critic, tok, run_dir)
         rt.report(first_eval, final, run_dir)
         print(f"policy saved to {run_dir / 'policy'}")
         logger.close()

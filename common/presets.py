@@ -1,13 +1,22 @@
-"""Per-task default settings, filled into every script's `Args` fields left at None.
+"""Per-task default settings, filled into every script's `Args` fields left at their defaults (`--preset`).
 
-Two presets per task: `paper` (the official configs, SPEC sections 2-3, for the paper's hub models) and
-`embedded` (the offline default models: the same method, sized to finish in minutes on a 2-core CPU).
-A field given on the command line always wins.
+- `paper`: the official configs (SPEC sections 2-3). Named on the command line (`--preset paper`) it also
+  selects the paper's models for whatever `--policy-model`, `--guide-model` and `--reward-model` leave out,
+  and their set-up (TL;DR: LoRA r 8 / alpha 64 on a 4-bit GPT-J, where the script has those fields).
+- `embedded`: the offline default models: the same method, sized to finish in minutes on a 2-core CPU.
+- `auto` (the default): `embedded` for the embedded default models, `paper`'s numbers (not its models) for a
+  model given with `--policy-model` (`auto_preset`).
+
+A field given on the command line always wins; a preset key that is not a field of the script's `Args` is
+ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+
+from common.errors import UsageError
 
 PAPER = {
     "imdb": dict(iterations=50, rollouts_per_iteration=112, minibatch_size=28, n_epochs=5, gamma=0.99, lam=0.95,
@@ -46,11 +55,72 @@ EMBEDDED = {
 }
 
 
-def fill_presets(args, task_name: str, embedded: bool, aliases: dict | None = None):
-    """Return a copy of `args` whose None fields take the task's preset; `aliases` maps a field to the
-    preset key it reads (e.g. beta -> ppo_pp_beta)."""
-    preset = (EMBEDDED if embedded else PAPER)[task_name]
+# The paper's models per task (SPEC section 3), chosen by an explicit `--preset paper`. TL;DR's policy is GPT-J
+# 6B in 4-bit with LoRA r 8 / alpha 64, its reward a LoRA adapter on GPT-J; CommonGen's policy is T5.
+PAPER_MODELS = {
+    "imdb": dict(policy_model="rajkumarrrk/gpt2-fine-tuned-on-imdb-positive-reviews",
+                 guide_model="rajkumarrrk/gpt2-fine-tuned-on-imdb-positive-reviews",
+                 reward_model="lvwerra/distilbert-imdb"),
+    "commongen": dict(policy_model="rajkumarrrk/t5-common-gen", guide_model="rajkumarrrk/t5-common-gen"),
+    "tldr": dict(policy_model="CarperAI/openai_summarize_tldr_sft", guide_model="CarperAI/openai_summarize_tldr_sft",
+                 reward_model="jdchang/tldr_rm_adapter", lora_r=8, lora_alpha=64, load_in_4bit=True),
+}
+
+# preset name -> per-task settings; MODELS: preset name -> per-task models a preset named explicitly selects
+PRESETS = {"paper": PAPER, "embedded": EMBEDDED}
+MODELS = {"paper": PAPER_MODELS}
+MODEL_FIELDS = ("policy_model", "guide_model", "reward_model")
+
+
+def auto_preset(policy_model: str | None) -> str:
+    """The preset `--preset auto` stands for: `embedded` for the embedded default models, else `paper`."""
+    return "embedded" if policy_model is None else "paper"
+
+
+def preset_values(preset: str, task_name: str, policy_model: str | None) -> tuple[str, dict]:
+    """(the preset's name, the values it gives `task_name`'s fields)."""
+    name = auto_preset(policy_model) if preset == "auto" else preset
+    if name not in PRESETS:
+        raise UsageError(f"--preset must be auto or one of {', '.join(PRESETS)}, not {preset!r}")
+    values = dict(PRESETS[name][task_name])
+    if preset != "auto":
+        values.update(MODELS.get(name, {}).get(task_name, {}))
+    return name, values
+
+
+def _hub_unreachable(ids: list[str]) -> list[str]:
+    """Those of the hub `ids` that neither the Hub (offline) nor the local Hugging Face cache can give."""
+    from common.tasks import hub_offline_if_unreachable
+
+    hub_offline_if_unreachable()
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("", "0", "false", "no"):
+        return []
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return ids
+    return [i for i in ids if not any(isinstance(try_to_load_from_cache(i, f), str)
+                                      for f in ("config.json", "adapter_config.json"))]
+
+
+def fill_presets(args, task_name: str, preset: str = "auto", aliases: dict | None = None):
+    """Return a copy of `args` whose fields still at their default take the task's `preset` values (see the
+    module docstring); `aliases` maps a field to the preset key it reads (e.g. beta -> ppo_pp_beta). The hub
+    models an explicit preset selects must be reachable (or cached): else a UsageError."""
+    name, values = preset_values(preset, task_name, getattr(args, "policy_model", None))
     aliases = aliases or {}
-    updates = {f.name: preset[aliases.get(f.name, f.name)] for f in dataclasses.fields(args)
-               if getattr(args, f.name) is None and aliases.get(f.name, f.name) in preset}
+    updates = {}
+    for f in dataclasses.fields(args):
+        key = aliases.get(f.name, f.name)
+        if key not in values or (f.name == "guide_model" and getattr(args, "guide", "model") != "model"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if getattr(args, f.name) is None or getattr(args, f.name) == default:
+            updates[f.name] = values[key]
+    hub = [v for k, v in updates.items() if k in MODEL_FIELDS and not os.path.isdir(os.path.expanduser(str(v)))]
+    missing = _hub_unreachable(hub) if hub else []
+    if missing:
+        raise UsageError(f"--preset {name} loads {', '.join(missing)} from the Hugging Face Hub, which cannot be "
+                         "reached (and they are not in the local cache): run with hub access, or pass local "
+                         "folders with --policy-model / --guide-model / --reward-model")
     return dataclasses.replace(args, **updates)

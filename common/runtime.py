@@ -67,9 +67,13 @@ def return_freed_memory(threshold: int = 32 * 1024 * 1024):
         pass
 
 
-def setup_device(device: str = "auto", bf16: bool = False):
-    """(rank, world_size, device). Under torchrun: DistributedDataParallel over gloo (CPU) or nccl (GPU);
-    a single process behaves exactly like plain python. `bf16` turns on bf16 autocast in common.generation."""
+_RUN = {"fsdp": False, "device": torch.device("cpu")}
+
+
+def setup_device(device: str = "auto", bf16: bool = False, fsdp: bool = False):
+    """(rank, world_size, device). Under torchrun: DistributedDataParallel over gloo (CPU) or nccl (GPU), or
+    FSDP with `fsdp` (then also in a single process, over a one-process group); a single process without
+    `fsdp` behaves exactly like plain python. `bf16` turns on bf16 autocast in common.generation."""
     set_bf16(bf16)
     return_freed_memory()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -84,7 +88,51 @@ def setup_device(device: str = "auto", bf16: bool = False):
         dev = torch.device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if fsdp:
+        from common.fsdp import ensure_process_group
+
+        ensure_process_group(dev)
+    _RUN.update(fsdp=bool(fsdp), device=dev)
     return rank, world, dev
+
+
+def _load_device(device):
+    """Where a trained model is loaded: under FSDP on the CPU, from where `wrap_for_training` moves each
+    layer's shard to the device (a model too large for one GPU is never there whole)."""
+    return torch.device("cpu") if _RUN["fsdp"] else device
+
+
+def wrap_for_training(models: list, optimizer, world: int, fsdp: bool = False) -> list:
+    """The handles the update's forward passes go through, one per model: DistributedDataParallel under
+    torchrun, the model itself in one process; with `fsdp` the models sharded in place (common/fsdp.py) and
+    `optimizer` pointed at their shards. Call it after a checkpoint is loaded into the (unsharded) models."""
+    if fsdp:
+        from common.fsdp import shard
+
+        if any(type(p).__name__ in ("Params4bit", "Int8Params") for m in models for p in m.parameters()):
+            raise UsageError("--fsdp does not shard 4-bit / 8-bit (bitsandbytes) weights: drop --fsdp (one GPU, or "
+                             "DDP with one model copy per GPU) or load the model unquantised")
+        shard(models, optimizer, _RUN["device"], world)
+        return list(models)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return [DDP(m) for m in models]
+    return list(models)
+
+
+def full_state_dict(model, rank: int) -> dict:
+    """`model.state_dict()`, gathered in full on rank 0 under FSDP (every process must call it then)."""
+    from common.fsdp import full_state_dict as gather
+
+    return gather(model, rank)
+
+
+def full_optimizer_state(optimizer, rank: int) -> dict:
+    """`optimizer.state_dict()`, gathered in full on rank 0 under FSDP (every process must call it then)."""
+    from common.fsdp import full_optimizer_state as gather
+
+    return gather(optimizer, rank)
 
 
 def seed_everything(seed: int):
@@ -136,12 +184,12 @@ def build_policy_ref_critic(policy_path: str, device, context: int, gradient_che
     `context` = prompt tokens + new tokens must fit the model's positions. `gradient_checkpointing`: the
     trained models recompute each layer in the backward instead of keeping its activations."""
     tok = load_tokenizer(policy_path)
-    policy = load_causal_lm(policy_path, tok, device, "--policy-model")
+    policy = load_causal_lm(policy_path, tok, _load_device(device), "--policy-model")
     limit = position_limit(policy)
     if limit and context > limit:
         raise UsageError(f"prompt + response ({context} tokens) exceed the {limit} positions of {policy_path}: "
                          "lower --prompt-tokens or --max-new-tokens")
-    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
     critic = make_critic(policy_path, tok, device, gradient_checkpointing)
     if gradient_checkpointing:
         enable_gradient_checkpointing(policy, policy_path)
@@ -179,7 +227,12 @@ def zero_gradients(trained, idle=()) -> None:
     gradients allocated afresh in every backward land between that backward's activations, and glibc's heap
     fragments around them; called once more right after the optimizer is built, they sit next to the weights.
     Benchmark peaks, PPO, two runs each, fresh gradients against these: TL;DR 646 / 708 against 566 / 562 MiB,
-    IMDB 582 / 608 against 563 / 545, at the same speed. The numbers do not change: 0 + g = g."""
+    IMDB 582 / 608 against 563 / 545, at the same speed. The numbers do not change: 0 + g = g. Under FSDP the
+    weights a sampling pass kept gathered are freed first, so the gradients go to the shards."""
+    from common.fsdp import reshard
+
+    for model in (*trained, *idle):
+        reshard(model)
     for model in trained:
         for p in model.parameters():
             if p.requires_grad:
@@ -204,7 +257,7 @@ def make_critic(policy_path: str, tok, device, gradient_checkpointing: bool = Fa
             m.p = 0.0
     if gradient_checkpointing:
         enable_gradient_checkpointing(backbone, policy_path)
-    return ValueModel(backbone).to(device)
+    return ValueModel(backbone).to(_load_device(device))
 
 
 def make_reward(task: Task, reward_model: str | None, train_examples, device, log=print):
@@ -369,7 +422,14 @@ def report(before: dict, after: dict, run_dir: Path, file=sys.stdout):
 # ---------------------------------------------------------------------------------------------------
 # checkpoints: a crash or Ctrl-C never loses finished iterations
 # ---------------------------------------------------------------------------------------------------
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def save_checkpoint(path: Path, state: dict):
+    """Written by rank 0 alone (any process may call it)."""
+    if _rank() != 0:
+        return
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -394,21 +454,75 @@ def load_checkpoint(run_dir: Path, args) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+def per_rank(state):
+    """`state` of every process, a list by rank, under torchrun (every process must call it): each process
+    samples its own rollouts, so a resumed run needs each one's random state. One process: `state`."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return state
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, state)
+    return out
 
 
-def set_rng_state(s: dict):
+def own_rank(saved):
+    """This process's entry of what `per_rank` saved; a one-process checkpoint's state as it is (a run resumed
+    on another number of processes continues, with other random numbers)."""
+    if not isinstance(saved, list):
+        return saved
+    return saved[_rank()] if len(saved) == (dist.get_world_size() if dist.is_initialized() else 1) else saved[0]
+
+
+def rng_state():
+    """The random states of Python, numpy and torch, per process (`per_rank`: every process calls it)."""
+    return per_rank({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()})
+
+
+def set_rng_state(s):
+    s = own_rank(s)
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
     torch.random.set_rng_state(s["torch"])
 
 
 def save_final(policy, critic, tok, run_dir: Path):
-    """The trained policy, loadable with AutoModelForCausalLM.from_pretrained(run_dir / 'policy')."""
-    policy.save_pretrained(run_dir / "policy")
+    """The trained policy, loadable with AutoModelForCausalLM.from_pretrained(run_dir / 'policy'), and the
+    critic's state dict, written by rank 0. Every process calls it: under FSDP it gathers the full weights."""
+    from common.fsdp import is_sharded
+
+    rank = _rank()
+    policy_state = full_state_dict(policy, rank) if is_sharded(policy) else None
+    critic_state = full_state_dict(critic, rank)
+    if rank != 0:
+        return
+    if policy_state is None:
+        policy.save_pretrained(run_dir / "policy")
+    else:
+        save_pretrained_unsharded(policy, policy_state, run_dir / "policy")
     tok.save_pretrained(run_dir / "policy")
-    torch.save(critic.state_dict(), run_dir / "critic.pt")
+    torch.save(critic_state, run_dir / "critic.pt")
+
+
+def save_pretrained_unsharded(model, state: dict, path: Path) -> None:
+    """`save_pretrained` of a sharded model from its gathered full state dict; config.json names the model's
+    own class, not FSDP's wrapper class."""
+    from torch.distributed.fsdp import FSDPModule
+
+    own = next(c for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule))
+    model.save_pretrained(path, state_dict=state)
+    config = type(model.config).from_pretrained(path)
+    config.architectures = [own.__name__]
+    config.save_pretrained(path)
+
+
+def save_interrupted(policy, critic, tok, run_dir: Path) -> str:
+    """On Ctrl-C, rank 0: save the policy where the processes can do so alone (not under FSDP, whose gather
+    needs every process while each stopped somewhere else); the message to print."""
+    from common.fsdp import is_sharded
+
+    if is_sharded(policy):
+        return f"\ninterrupted: continue from the last checkpoint with --resume {run_dir}"
+    save_final(policy, critic, tok, run_dir)
+    return f"\ninterrupted: policy saved to {run_dir / 'policy'}; continue with --resume {run_dir}"
 
 
 def run_dir_for(output_dir: str, algo: str, task: str, seed: int, run_name: str | None) -> Path:

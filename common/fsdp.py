@@ -1,0 +1,183 @@
+"""FSDP (`--fsdp`): policy, critic(s) and optimiser state sharded over the processes of a torchrun job with
+PyTorch's own FSDP2 (`torch.distributed.fsdp.fully_shard`), and full state dicts for saving.
+
+- Sharding: every transformer layer is its own FSDP unit (found generically: the model's `_no_split_modules`
+  classes, which is how transformers names its decoder / encoder blocks, else its gradient-checkpointing
+  layers), then the whole model (embeddings, final norm, LM or value head). A peft model is sharded the same
+  way: its base model's layers hold the adapters. Parameters in fp32; `--bf16` autocasts each forward as
+  without FSDP.
+- Forward passes: a forward with gradients (the update) all-gathers each layer's weights and frees them
+  after it, as FSDP does. A forward without gradients (sampling, the values of line 3, evaluation) gathers
+  the weights once and keeps them until the next forward with gradients: processes sample responses of
+  different lengths, so their decoding steps cannot be matched one to one with collectives. The first
+  no-gradient forward after an update is still a collective, so every process samples (and evaluates)
+  together.
+- State dicts: `full_state_dict` and `full_optimizer_state` gather the sharded tensors into the same full,
+  unsharded state dicts a run without FSDP saves (same keys, same optimiser indices), so checkpoints move
+  between DDP and FSDP runs. A checkpoint is loaded into the unsharded models before `shard` (as without
+  FSDP); `shard` then carries the loaded optimiser state over to the sharded parameters.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _fsdp_modules(model: nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def transformer_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks, outermost first and none inside another: modules whose class is in a
+    `_no_split_modules` list of the model (or of a transformers model inside it: a peft model's base, a
+    critic's backbone), else transformers' gradient-checkpointing layers."""
+    names = set()
+    for m in model.modules():
+        names |= set(getattr(m, "_no_split_modules", None) or ())
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - older transformers
+        GradientCheckpointingLayer = ()
+    picked, inside = [], set()
+    for m in model.modules():
+        if id(m) in inside or m is model:
+            continue
+        if type(m).__name__ in names or (not names and isinstance(m, GradientCheckpointingLayer)):
+            picked.append(m)
+            inside |= {id(s) for s in m.modules()}
+    return picked
+
+
+def _keep_gathered(root: nn.Module, keep: bool) -> None:
+    if getattr(root, "_rlgf_keep_gathered", None) == keep:
+        return
+    for m in _fsdp_modules(root):
+        if not keep:
+            m.reshard()  # frees the gathered weights: a local operation
+        m.set_reshard_after_forward(not keep and m is not root, recurse=False)  # FSDP keeps its root's anyway
+    root._rlgf_keep_gathered = keep
+
+
+def _gather_without_grad(root: nn.Module, args, kwargs):
+    """Forward pre-hook of a sharded root: without gradients keep the gathered weights across forwards (one
+    collective, then none: processes may run different numbers of decoding steps); with gradients free
+    them again and reshard every layer after its forward."""
+    _keep_gathered(root, not torch.is_grad_enabled())
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the weights a no-gradient forward kept gathered, so that the sharded parameters are registered
+    again (for the optimiser step, gradient zeroing, state dicts). Local; a no-op without FSDP."""
+    if is_sharded(model):
+        _keep_gathered(model, False)
+
+
+def shard(models: list[nn.Module], optimizer: torch.optim.Optimizer | None, device: torch.device, world: int):
+    """Shard `models` in place over the `world` processes (`fully_shard` per transformer layer, then per
+    model; weights move to `device` layer by layer), and point `optimizer` at the sharded parameters,
+    its state (a resumed checkpoint's) cut into the same shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    # FSDP warns that the critic returns a view (`.squeeze(-1)`): only an in-place op on it would skip a hook,
+    # and the scripts use the values out of place
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(device.type, (world,))
+    saved = optimizer.state_dict() if optimizer is not None else None
+    old_names = {}
+    for i, model in enumerate(models):
+        old_names.update({id(p): (i, n) for n, p in model.named_parameters()})
+    old_params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
+    for model in models:
+        for layer in transformer_layers(model):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        model.register_forward_pre_hook(_gather_without_grad, with_kwargs=True, prepend=True)
+        model._rlgf_keep_gathered = False
+    if optimizer is None:
+        return
+    new = {}
+    for i, model in enumerate(models):
+        new.update({(i, n): p for n, p in model.named_parameters()})
+    remap = {id(p): new[old_names[id(p)]] for p in old_params}
+    for g in optimizer.param_groups:
+        g["params"] = [remap[id(p)] for p in g["params"]]
+    flat = [p for g in optimizer.param_groups for p in g["params"]]
+    for idx, st in list(saved["state"].items()):  # new dicts: state_dict() shares them with the optimizer
+        p = flat[idx]
+        if isinstance(p, DTensor):
+            saved["state"][idx] = {
+                k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape else v
+                for k, v in st.items()}
+    optimizer.state.clear()
+    optimizer.load_state_dict(saved)
+
+
+def _full(t, keep: bool):
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        t = t.full_tensor()  # a collective: every process calls it, in the same order
+    if not keep:
+        return None
+    return t.detach().cpu() if torch.is_tensor(t) else t
+
+
+def full_state_dict(model: nn.Module, rank: int = 0) -> dict:
+    """The model's full state dict, unsharded, on the CPU of rank 0 (other ranks get {}): every process
+    must call it. Without FSDP: `model.state_dict()`."""
+    if not is_sharded(model):
+        return model.state_dict()
+    reshard(model)
+    out = {}
+    for k, v in model.state_dict().items():
+        v = _full(v, rank == 0)
+        if rank == 0:
+            out[k] = v
+    return out
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer, rank: int = 0) -> dict:
+    """The optimiser's state dict with every sharded tensor gathered: the format of a run without FSDP
+    (on rank 0; other ranks get {}). Every process must call it."""
+    from torch.distributed.tensor import DTensor
+
+    sd = optimizer.state_dict()
+    if not any(isinstance(v, DTensor) for st in sd["state"].values() for v in st.values()):
+        return sd
+    state = {}
+    for idx, st in sd["state"].items():
+        full = {k: _full(v, rank == 0) for k, v in st.items()}
+        if rank == 0:
+            state[idx] = full
+    return {"state": state, "param_groups": sd["param_groups"]} if rank == 0 else {}
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """FSDP needs a process group even for one process (plain `python script.py --fsdp`): a one-process group
+    on a free local port."""
+    import os
+    import socket
+
+    if dist.is_initialized():
+        return
+    if "MASTER_ADDR" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
