@@ -133,6 +133,10 @@ class _JsonlCache:
 
     def __init__(self, path: str):
         self.path, self.lock, self.entries = path, threading.Lock(), {}
+        try:
+            open(path, "a", encoding="utf-8").close()
+        except OSError as e:
+            raise UsageError(f"--guide-cache {path}: cannot write there ({e.strerror})") from None
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 for line in f:
@@ -188,13 +192,16 @@ class HTTPGuide:
             raise UsageError(f"--guide-retries must be 0 or more, not {retries}")
         if cache and temperature != 0:
             raise UsageError("--guide-cache replays one answer per request, which is the guide's distribution only "
-                             f"when it is deterministic: pass --guide-temperature 0 (not {temperature}) or drop --guide-cache")
+                             f"when it is deterministic: pass --guide-temperature 0 (not {temperature}) or drop "
+                             "--guide-cache")
         self.base = url.rstrip("/")
         self.endpoint = self.base + ("/chat/completions" if chat else "/completions")
         self.chat, self.temperature, self.top_p, self.top_k = chat, temperature, top_p, top_k
         self.max_concurrency, self.timeout, self.retries = max_concurrency, timeout, retries
         self.extra_body = dict(extra_body or {})
-        self._headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
         host = urllib.parse.urlsplit(self.base).hostname or ""
         # a server on this machine is reached directly, whatever proxy the environment names for the outside
         handlers = [urllib.request.ProxyHandler({})] if host in ("127.0.0.1", "localhost", "::1") else []
@@ -210,15 +217,21 @@ class HTTPGuide:
         return {"requests": 0, "retries": 0, "cache_hits": 0, "server_tokens": 0, "seconds": 0.0}
 
     # ---- one HTTP exchange, with retries -----------------------------------------------------------
-    def _call(self, url: str, body: dict | None) -> dict:
+    def _call(self, url: str, body: dict | None, abort: threading.Event | None = None) -> dict:
+        """The JSON answer of one GET (`body` None) or POST. `abort`, once set (another request of the same
+        batch failed), ends the retries early."""
         data = None if body is None else json.dumps(body).encode()
-        last = ""
+        abort = abort or threading.Event()
+        last, tries = "", 0
         for attempt in range(self.retries + 1):
             if attempt:
+                if abort.wait(min(self.BACKOFF * 2 ** (attempt - 1), self.BACKOFF_MAX)):
+                    break
                 with self._lock:
                     self._stats["retries"] += 1
-                time.sleep(min(self.BACKOFF * 2 ** (attempt - 1), self.BACKOFF_MAX))
-            req = urllib.request.Request(url, data=data, headers=self._headers, method="GET" if body is None else "POST")
+            tries = attempt + 1
+            req = urllib.request.Request(url, data=data, headers=self._headers,
+                                         method="GET" if body is None else "POST")
             try:
                 with self._opener.open(req, timeout=self.timeout) as r:
                     raw = r.read()
@@ -241,7 +254,7 @@ class HTTPGuide:
             except ValueError:
                 raise GuideError(f"guide server {url} answered with something that is not JSON: "
                                  f"{_one_line(raw.decode('utf-8', 'replace'), 80)!r}") from None
-        raise GuideError(f"guide server {url} failed {self.retries + 1} tries (last: {last}); check that it is running "
+        raise GuideError(f"guide server {url} failed {tries} tries (last: {last}); check that it is running "
                          "and reachable (--guide-timeout, --guide-retries)")
 
     def _first_model(self) -> str:
@@ -257,7 +270,9 @@ class HTTPGuide:
     def body(self, prompt: str, prefix: str, budget: int) -> dict:
         """The request for one continuation (also the cache's key, with the URL)."""
         if self.chat:
-            messages = [{"role": "user", "content": prompt}] + ([{"role": "assistant", "content": prefix}] if prefix else [])
+            messages = [{"role": "user", "content": prompt}]
+            if prefix:
+                messages.append({"role": "assistant", "content": prefix})
             b = {"model": self.model_name, "messages": messages}
         else:
             b = {"model": self.model_name, "prompt": prompt + prefix}
@@ -267,14 +282,14 @@ class HTTPGuide:
         b.update(self.extra_body)
         return b
 
-    def _one(self, prompt: str, prefix: str, budget: int) -> tuple[str, bool]:
+    def _one(self, prompt: str, prefix: str, budget: int, abort: threading.Event) -> tuple[str, bool]:
         body = self.body(prompt, prefix, budget)
         key = _JsonlCache.key(self.endpoint, body) if self._cache else None
         if key is not None and (hit := self._cache.get(key)) is not None:
             with self._lock:
                 self._stats["cache_hits"] += 1
             return hit["text"], hit["finished"]
-        payload = self._call(self.endpoint, body)
+        payload = self._call(self.endpoint, body, abort)
         try:
             choice = payload["choices"][0]
             text = choice["message"]["content"] if self.chat else choice["text"]
@@ -296,15 +311,18 @@ class HTTPGuide:
     def complete(self, prompts, prefixes, max_new_tokens):
         t0 = time.time()
         pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, max(1, len(prompts))))
+        abort = threading.Event()
         try:
-            futures = [pool.submit(self._one, p, x, b) for p, x, b in zip(prompts, prefixes, max_new_tokens)]
+            futures = [pool.submit(self._one, p, x, b, abort) for p, x, b in zip(prompts, prefixes, max_new_tokens)]
             wait(futures, return_when="FIRST_EXCEPTION")
             for f in futures:
                 if f.done() and f.exception() is not None:
                     raise f.exception()
             out = [f.result() for f in futures]
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # requests in flight end within their timeout
+            # on an error (or Ctrl-C) nothing new starts, and requests in flight end within one timeout
+            abort.set()
+            pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             self._stats["seconds"] += time.time() - t0
         return out
@@ -405,7 +423,8 @@ def guide_continue(guide: Guide, tok, queries: list[list[int]], prefixes: list[l
                              f"for {len(todo)} prompts")
         again = []
         for i, (text, done) in zip(todo, answers):
-            ids = [t for t in tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if t not in special]
+            ids = tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            ids = [t for t in ids if t not in special]
             room = budgets[i] - len(out[i])
             out[i] += ids[:room]
             if len(ids) >= room:
