@@ -36,7 +36,7 @@ import tyro
 from common import runtime as rt
 from common.errors import UsageError, one_line_errors
 from common.generation import decode, forward_response, left_pad, right_pad, sample, used_columns
-from common.guides import guide_continue
+from common.guides import ServerOptions, guide_continue, guide_metrics
 from common.presets import fill_presets
 from common.tasks import get_task, resolve_data_dir
 
@@ -54,7 +54,8 @@ class Args:
     paper's hub models and their LoRA / 4-bit set-up), embedded (sized for the offline embedded models), auto
     (embedded for the embedded models, else the paper's settings for the given model); flags given win"""
     guide: str = "model"
-    """the black-box guide: model (an HF causal LM, --guide-model) or rule (our rule-based guide: commongen, tldr)"""
+    """the black-box guide: model (an HF causal LM, --guide-model), rule (our rule-based guide: commongen, tldr) or
+    the URL of an OpenAI-compatible server, http://HOST:PORT/v1 (vLLM, llama.cpp, TGI, Ollama, a hosted API)"""
     guide_model: str | None = None
     """guide model, hub id or folder; default: the task's embedded guide (IMDB: SFT on positive reviews)"""
     guide_top_p: float | None = None
@@ -63,6 +64,29 @@ class Args:
     """guide's top-k (paper: 50 on IMDB, 0 = off elsewhere)"""
     guide_temperature: float = 1.0
     """guide's sampling temperature"""
+    guide_model_name: str | None = None
+    """server guide: the model name sent with each request; default: the first model the server's /models lists"""
+    guide_api_key_env: str = "OPENAI_API_KEY"
+    """server guide: the environment variable holding the API key, sent as a Bearer token when set (the key itself
+    is never logged nor saved)"""
+    guide_max_concurrency: int = 8
+    """server guide: requests in flight at once (one request per prompt)"""
+    guide_timeout: float = 60.0
+    """server guide: seconds to wait for one answer"""
+    guide_retries: int = 3
+    """server guide: retries, with backoff 0.5 s, 1 s, 2 s, ..., after a connection error, a timeout, HTTP 429 or
+    5xx; then the run stops with a one-line error (its last checkpoint stays)"""
+    guide_chat: bool = False
+    """server guide: /chat/completions instead of /completions (which gets prompt + the learner's prefix as one text,
+    a true continuation). Chat: the prompt is the user turn, a non-empty prefix a final assistant turn; only a server
+    that continues a final assistant message (vLLM: --guide-extra-body '{"continue_final_message": true,
+    "add_generation_prompt": false}') truly continues the prefix, any other answers with a new turn that is appended
+    to the prefix (an approximation); PPO++'s roll-in has no prefix and is exact"""
+    guide_cache: str | None = None
+    """server guide: a JSONL file of request -> answer; an identical request is answered from it without the server
+    (needs --guide-temperature 0: a cache replays one answer)"""
+    guide_extra_body: str | None = None
+    """server guide: a JSON object merged into every request (e.g. '{"min_tokens": 48}' for vLLM)"""
     beta: float | None = None
     """probability that the learner rolls in before the guide takes over (paper: IMDB, CommonGen 0.8, TL;DR 1.0)"""
     reward_model: str | None = None
@@ -240,7 +264,8 @@ def main(args: Args):
     policy_path, guide_path = rt.resolve_models(task, args.policy_model, args.guide_model, data_dir, rank, world, log,
                                                 need_guide=args.guide == "model")
     guide = rt.build_guide(args.guide, task, guide_path, None, device, top_p=args.guide_top_p, top_k=args.guide_top_k,
-                           temperature=args.guide_temperature, min_new_tokens=args.min_new_tokens)
+                           temperature=args.guide_temperature, min_new_tokens=args.min_new_tokens,
+                           server=ServerOptions.from_args(args))
     rt.seed_everything(args.seed + rank)  # each process samples its own rollouts
     mix_rng = random.Random(args.seed + rank)  # mixing coins and switch points: their own stream
     tok, policy, ref, critic = rt.build_policy_ref_critic(
@@ -426,6 +451,7 @@ def main(args: Args):
                 "time/iteration": dt, "time/generate": t_gen, "time/forward": t_fwd, "time/reward": t_rew,
                 "time/update": t_upd, "time/tokens_per_second": n_tokens / dt,
             }
+            metrics.update(guide_metrics(guide))  # a server guide: requests, retries, tokens
             if "nll" in upd:
                 metrics["loss/nll"] = upd["nll"]
             logger.scalars(metrics, it)

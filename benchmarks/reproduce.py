@@ -164,7 +164,7 @@ def guide_baselines(args: Args, tasks_guides) -> dict:
             seen = tok.batch_decode(rt.encode_prompts(task, tok, val, pre["prompt_tokens"]))
             prompts, refs = [e.prompt for e in val], [e.references for e in val]  # as the runs' evaluation
             torch.manual_seed(1234)
-            responses = guide.complete(seen, [""] * len(val), [task.max_new_tokens] * len(val))
+            responses = [text for text, _ in guide.complete(seen, [""] * len(val), [task.max_new_tokens] * len(val))]
             reward_fn = rt.make_reward(task, None, task.load("train", data_dir), "cpu", log=lambda *a: None)
             m = {"reward": float(np.mean(reward_fn(prompts, responses, refs)))}
             m.update(compute_metrics(task_name, prompts, responses, refs, [e.meta for e in val]))

@@ -548,17 +548,28 @@ def reference_nll(model, tok, task: Task, examples, qi, qm, args) -> torch.Tenso
 
 
 def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, device, *, top_p: float, top_k: int,
-                temperature: float, min_new_tokens: int):
-    """The frozen black-box guide: `model` (an HF causal LM, default the task's embedded guide) or `rule`
-    (our rule-based guide for CommonGen and TL;DR)."""
-    from common.guides import RULE_GUIDES, CallableGuide, HFGuide
+                temperature: float, min_new_tokens: int, server=None):
+    """The frozen black-box guide: `model` (an HF causal LM, default the task's embedded guide), `rule`
+    (our rule-based guide for CommonGen and TL;DR) or the URL of an OpenAI-compatible server
+    (`http://HOST:PORT/v1`), reached as `server` (a `common.guides.ServerOptions`) says."""
+    from common.guides import RULE_GUIDES, CallableGuide, HFGuide, ServerOptions, build_server_guide, is_server_url
 
+    server = server or ServerOptions()
+    if is_server_url(kind):
+        if guide_path:
+            raise UsageError(f"--guide-model {guide_path} is a model loaded in this process; the server's model is "
+                             "named with --guide-model-name")
+        return build_server_guide(kind, server, top_p=top_p, top_k=top_k, temperature=temperature)
+    for flag, value in (("--guide-model-name", server.model_name), ("--guide-chat", server.chat),
+                        ("--guide-cache", server.cache), ("--guide-extra-body", server.extra_body)):
+        if value:
+            raise UsageError(f"{flag} is for a server guide (--guide http://HOST:PORT/v1), not --guide {kind}")
     if kind == "rule":
         if task.name not in RULE_GUIDES:
             raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {task.name}: use --guide model")
         return CallableGuide(RULE_GUIDES[task.name], name=f"{task.name}-rule")
     if kind != "model":
-        raise UsageError(f"--guide must be model or rule, not {kind!r}")
+        raise UsageError(f"--guide must be model, rule or a server URL (http://HOST:PORT/v1), not {kind!r}")
     gtok = load_tokenizer(guide_path)
     model = load_causal_lm(guide_path, gtok, device, "--guide-model")
     return HFGuide(model, gtok, top_p=top_p, top_k=top_k, temperature=temperature,
