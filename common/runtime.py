@@ -133,12 +133,13 @@ def resolve_models(task: Task, policy_model: str | None, guide_model: str | None
 
 def build_policy_ref_critic(policy_path: str, device, context: int, gradient_checkpointing: bool = False):
     """The learner, its frozen reference copy (KL penalty) and a critic on the same initial backbone.
-    `context` = prompt tokens + new tokens must fit the model's positions. `gradient_checkpointing`: the
+    `context` = prompt tokens + new tokens must fit the model's positions. An encoder-decoder model (read from its
+    config) gets the same three: its LM, a copy, and a critic on its encoder-decoder backbone. `gradient_checkpointing`: the
     trained models recompute each layer in the backward instead of keeping its activations."""
     tok = load_tokenizer(policy_path)
     policy = load_causal_lm(policy_path, tok, device, "--policy-model")
     limit = position_limit(policy)
-    if limit and context > limit:
+    if limit and context > limit:  # an encoder-decoder model with absolute positions (BART): conservative
         raise UsageError(f"prompt + response ({context} tokens) exceed the {limit} positions of {policy_path}: "
                          "lower --prompt-tokens or --max-new-tokens")
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
