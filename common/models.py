@@ -105,10 +105,15 @@ def load_causal_lm(name: str, tokenizer, device, what: str = "model"):
 
 
 def _no_dropout(model):
-    """Dropout off everywhere (SPEC 4.2: otherwise the ratio is not 1 on the first minibatch)."""
+    """Dropout off everywhere (SPEC 4.2: otherwise the ratio is not 1 on the first minibatch): the Dropout modules,
+    the rates attention layers keep as plain numbers (T5's and BART's attention read `self.dropout` in training
+    mode, which gradient checkpointing turns on), and the config."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        for key in ("dropout", "attention_dropout", "activation_dropout", "dropout_rate"):
+            if isinstance(getattr(m, key, None), float):
+                setattr(m, key, 0.0)
     for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout", "hidden_dropout",
                 "dropout_rate", "activation_dropout"):
         if hasattr(model.config, key):

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from common.errors import UsageError
 from common.generation import (ValueModel, decode, forward_response, left_pad, position_limit, right_pad, sample,
                                set_bf16)
-from common.models import EMBEDDED, embedded_models, load_causal_lm, load_tokenizer
+from common.models import EMBEDDED, _no_dropout, embedded_models, load_causal_lm, load_tokenizer
 from common.tasks import Task, encode_prompt
 
 
@@ -194,15 +194,14 @@ def zero_gradients(trained, idle=()) -> None:
 
 
 def make_critic(policy_path: str, tok, device, gradient_checkpointing: bool = False) -> ValueModel:
-    """A separate value model (backbone + scalar head), initialised from the policy's backbone."""
+    """A separate value model (backbone + scalar head), initialised from the policy's backbone (AutoModel: a causal
+    LM's transformer, an encoder-decoder LM's encoder-decoder without LM head, e.g. T5Model)."""
     from transformers import AutoModel
 
     backbone = AutoModel.from_pretrained(os.path.expanduser(policy_path))
     if backbone.get_input_embeddings().num_embeddings < len(tok):
         backbone.resize_token_embeddings(len(tok))
-    for m in backbone.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    _no_dropout(backbone)
     if gradient_checkpointing:
         enable_gradient_checkpointing(backbone, policy_path)
     return ValueModel(backbone).to(device)
