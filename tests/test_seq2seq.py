@@ -409,7 +409,7 @@ def test_t5_end_to_end_two_iterations(t5, tmp_path, algo, task):
             from test_guided import length_reward
 
             mp.setattr(rt, "make_reward", lambda *a, **k: length_reward)
-        first, final = mod.main(_args(mod, task, t5(task), tmp_path, eval_samples=4, eval_interval=1, **extra))
+        first, final = mod.main(_args(mod, task, t5(task), tmp_path, eval_samples=2, **extra))
     for m in (first, final):
         assert m and all(math.isfinite(v) for v in m.values()), m
     if task == "imdb":
