@@ -9,6 +9,11 @@ through `policy_logits_to_logprobs` semantics:
 - EOS cannot be sampled before `min_new_tokens` response tokens (IMDB asks for exactly 48), and the
   training forward masks it the same way, so sampling and scoring use one distribution;
 - prompts are left-padded with explicit position ids, responses right-padded after EOS.
+
+Encoder-decoder models (T5, BART: `config.is_encoder_decoder`) take the same arguments and return the same
+numbers' shapes: the prompt goes to the encoder (run once per sampling call, rows aligned to the left with an
+attention mask), the response is the decoder's output from its start token, and a forced prefix is
+teacher-forced into the decoder. `is_seq2seq` tells the kinds apart; nothing else changes for the caller.
 """
 
 from __future__ import annotations
@@ -98,9 +103,48 @@ class Sampled:
 
 
 def position_limit(model) -> int | None:
-    """How many positions the model's position embeddings cover (None when it does not say)."""
-    cfg = model.config
+    """How many positions the model's position embeddings cover (None when it does not say, e.g. T5's
+    relative positions). An encoder-decoder model has this many on each side."""
+    cfg = _base(model).config
     return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
+def is_seq2seq(model) -> bool:
+    """An encoder-decoder model (T5, BART, ...), read from its config; a `ValueModel` answers for its backbone."""
+    model = _base(model)
+    model = getattr(model, "backbone", model)
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def query_room(model, response_tokens: int) -> int | None:
+    """How many prompt tokens fit beside `response_tokens` new tokens: a causal LM holds both in its positions,
+    an encoder-decoder model holds the prompt in the encoder's and the decoder start token + response in the
+    decoder's. None: no limit known."""
+    limit = position_limit(model)
+    if limit is None:
+        return None
+    return limit if is_seq2seq(model) else limit - response_tokens
+
+
+def decoder_start_id(model) -> int:
+    """The token the decoder of an encoder-decoder model starts from (T5: pad; BART: EOS), from its config or
+    generation config. It is an input only: pad is never sampled."""
+    model = _base(model)
+    model = getattr(model, "backbone", model)
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        start = getattr(cfg, "decoder_start_token_id", None) if cfg is not None else None
+        if start is not None:
+            return int(start)
+    raise ValueError(f"{type(model).__name__} names no decoder_start_token_id in its config")
+
+
+def left_to_right_aligned(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left-padded batch (ids, mask) with every row's real tokens moved to the front: encoders with absolute
+    positions (BART) number the tokens from the first column. Padding moves behind the real tokens."""
+    W = ids.shape[1]
+    shift = (W - mask.sum(1, keepdim=True)) % max(1, W)
+    index = (torch.arange(W, device=ids.device)[None] + shift) % max(1, W)
+    return ids.gather(1, index), mask.gather(1, index)
 
 
 def filter_top_k_top_p(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -153,7 +197,11 @@ def preallocated_cache(model, capacity: int):
     (prompt + new tokens), allocated once. DynamicCache concatenates the whole cache with the new token at every
     step: a copy of everything so far per step, and the old and the new cache alive at once (twice the cache's
     memory at the end). Same numbers (tested); TL;DR's sampling call takes 0.74 s with it, 0.80 s with DynamicCache
-(2-core CPU)."""
+    (2-core CPU).
+
+    An encoder-decoder model gets HF's EncoderDecoderCache: this preallocated cache for the decoder's
+    self-attention (`capacity` decoder positions), a DynamicCache for the cross-attention, which the model fills
+    once from the encoder's states at the first step and reuses after."""
     global _PREALLOCATED_LAYER
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
@@ -187,9 +235,17 @@ def preallocated_cache(model, capacity: int):
                     self.values = self.value_buffer[:, :, :self.length]
 
         _PREALLOCATED_LAYER = PreallocatedLayer
-    cache = DynamicCache(config=model.config)
+    seq2seq = is_seq2seq(model)
+    base = _base(model)
+    # the decoder's own config where the model has one (T5's decoder stack counts num_decoder_layers)
+    config = base.get_decoder().config if seq2seq and hasattr(base, "get_decoder") else base.config
+    cache = DynamicCache(config=config)
     if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):  # not sliding windows etc.
         cache.layers = [_PREALLOCATED_LAYER(capacity) for _ in cache.layers]
+    if seq2seq:
+        from transformers import EncoderDecoderCache
+
+        return EncoderDecoderCache(cache, DynamicCache(config=config))
     return cache
 
 
@@ -216,10 +272,14 @@ def sample(model, queries: list[list[int]], *, max_new_tokens: int, min_new_toke
     Our own loop rather than HF `generate`, which runs every row until the longest ends and draws with
     torch.multinomial: here a row leaves the batch (and the cache) as soon as it ends, so a step costs only
     the rows still running, and each row stops at its own budget, so a long prefix never pushes another row
-    past the model's positions. `device` defaults to the model's.
+    past the model's positions. `device` defaults to the model's. An encoder-decoder model: `_sample_seq2seq`.
     """
     if device is None:
         device = next(model.parameters()).device
+    if is_seq2seq(model):
+        return _sample_seq2seq(model, queries, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                               eos_id=eos_id, pad_id=pad_id, prefixes=prefixes, temperature=temperature, top_k=top_k,
+                               top_p=top_p, device=device)
     prefixes = prefixes or [[] for _ in queries]
     tokens: list[list[int]] = [[] for _ in queries]
     logprobs: list[list[float]] = [[] for _ in queries]
@@ -255,14 +315,82 @@ def sample(model, queries: list[list[int]], *, max_new_tokens: int, min_new_toke
         pos = mask.sum(1, keepdim=True)  # the new token's position counts the real tokens before it
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         inputs = new[:, None]
+    return _trimmed(out_tok, out_lp, prefixes, max_new_tokens, eos_id)
+
+
+def _trimmed(out_tok: torch.Tensor, out_lp: torch.Tensor, prefixes, max_new_tokens: int, eos_id: int) -> Sampled:
+    """Each row's sampled tokens [N, steps] and log-probs cut to its budget and after its EOS."""
+    steps = out_tok.shape[1]
     tok_rows, lp_rows = out_tok.tolist(), out_lp.tolist()
-    for i in range(len(queries)):
+    tokens, logprobs = [], []
+    for i in range(len(tok_rows)):
         n = max(0, min(steps, max_new_tokens - len(prefixes[i])))
         row = tok_rows[i][:n]
         if eos_id in row:
             n = row.index(eos_id) + 1
-        tokens[i], logprobs[i] = tok_rows[i][:n], lp_rows[i][:n]
+        tokens.append(tok_rows[i][:n])
+        logprobs.append(lp_rows[i][:n])
     return Sampled(tokens, logprobs)
+
+
+@torch.no_grad()
+def _sample_seq2seq(model, queries, *, max_new_tokens: int, min_new_tokens: int, eos_id: int, pad_id: int,
+                    prefixes, temperature: float, top_k: int, top_p: float, device) -> Sampled:
+    """`sample` for an encoder-decoder model: the same distribution at every step, the same outputs.
+
+    The encoder reads the prompts once (left-aligned rows, attention mask). Every decoder row starts from the
+    decoder start token at position 0, so no decoder row is ever padded: the prefix every row has (the shortest
+    forced prefix) goes in with the start token in one forward, and at each later step a row either takes its
+    next forced prefix token (teacher forcing: its logits are not used) or samples one. The key-value cache is
+    HF's EncoderDecoderCache (`preallocated_cache`): decoder self-attention written in place, the cross-attention
+    keys and values computed from the encoder's states once. A row leaves the batch (encoder states, mask and
+    cache) as soon as it ends."""
+    prefixes = prefixes or [[] for _ in queries]
+    rows = [i for i in range(len(queries)) if max_new_tokens - len(prefixes[i]) > 0]
+    empty = torch.zeros((len(queries), 0))
+    if not rows:
+        return _trimmed(empty.long(), empty, prefixes, max_new_tokens, eos_id)
+    base = _base(model)
+    enc_ids, enc_mask = right_pad([queries[i] for i in rows], pad_id, device=device)
+    dev = enc_ids.device
+    with _autocast(dev):
+        encoded = base.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask)
+    row_idx = torch.tensor(rows, device=dev)
+    plen = torch.tensor([len(prefixes[i]) for i in rows], device=dev)  # forced tokens of each batch row
+    forced = right_pad([prefixes[i] for i in rows], pad_id, width=max_new_tokens, device=dev)[0]
+    common = int(plen.min())
+    steps = max_new_tokens - common  # decoder positions common .. max_new_tokens - 1 score a response token
+    out_tok = torch.full((len(queries), max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    out_lp = torch.zeros((len(queries), max_new_tokens), device=dev)
+    cache = preallocated_cache(model, max_new_tokens)  # start token + all but the last response token
+    kw = {_cache_kwarg(model): cache, "use_cache": True}
+    inputs = torch.cat([torch.full((len(rows), 1), decoder_start_id(model), dtype=torch.long, device=dev),
+                        forced[:, :common]], dim=1)
+    for pos in range(common, common + steps):  # pos: the response position this step's logits score
+        with _autocast(dev):
+            logits = model(encoder_outputs=encoded, attention_mask=enc_mask, decoder_input_ids=inputs,
+                           **kw).logits[:, -1]
+        free = plen <= pos  # rows past their forced prefix: they sample
+        new = forced[:, pos].clone()
+        if bool(free.any()):
+            at = free.nonzero().squeeze(-1)
+            scores = mask_pad_and_early_eos_(logits[at].float() / temperature, torch.full_like(at, pos),
+                                             min_new_tokens, eos_id, pad_id)
+            logp = torch.log_softmax(filter_top_k_top_p(scores, top_k, top_p), dim=-1)
+            drawn = draw(logp)
+            new[at] = drawn
+            out_tok[row_idx[at], pos - plen[at]] = drawn
+            out_lp[row_idx[at], pos - plen[at]] = logp.gather(-1, drawn[:, None]).squeeze(-1)
+        running = ~(free & (new == eos_id)) & (pos + 1 < max_new_tokens)
+        if not running.all():
+            if not running.any():
+                break
+            keep = running.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            encoded = type(encoded)(last_hidden_state=encoded.last_hidden_state[keep])
+            row_idx, plen, forced, new, enc_mask = row_idx[keep], plen[keep], forced[keep], new[keep], enc_mask[keep]
+        inputs = new[:, None]
+    return _trimmed(out_tok, out_lp, prefixes, max_new_tokens, eos_id)
 
 
 def response_logits_bias(T: int, vocab: int, min_new_tokens: int, eos_id: int, pad_id: int, device) -> torch.Tensor:
@@ -439,10 +567,12 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
 
     `pack`: run the rows' real tokens in a few packed rows instead of the padded batch (same numbers, no
     padding computed); None picks the cheaper layout (`packing_layout`) where the model supports packing
-    (`packing_works`), False pads, True packs, an int k packs into exactly k rows. Without gradients the rows
+    (`packing_works`), False pads, True packs, an int k packs into exactly k rows. An encoder-decoder model is
+    never packed: the prompt goes to the encoder, the response to the decoder (`seq2seq_inputs`). Without gradients the rows
     are scored in chunks of about NO_GRAD_LOGITS_BYTES of logits, each without its all-padding columns.
     """
     B, T = response_ids.shape
+    seq2seq = is_seq2seq(model)
     logit_bytes = B * T * (getattr(_base(model).config, "vocab_size", 0) or 0) * 4
     if not torch.is_grad_enabled() and B > 1 and logit_bytes > NO_GRAD_LOGITS_BYTES:
         chunks = -(-logit_bytes // NO_GRAD_LOGITS_BYTES)
@@ -457,7 +587,7 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
             lps.append(F.pad(lp, (0, T - lp.shape[1])))
             ents.append(F.pad(ent, (0, T - ent.shape[1])) if with_entropy else None)
         return torch.cat(lps), (torch.cat(ents) if with_entropy else None)
-    groups = _layout(model, query_mask, response_mask, pack)
+    groups = None if seq2seq else _layout(model, query_mask, response_mask, pack)
     if groups is not None:
         ids, pos, keep, t_pos = _pack(query_ids, query_mask, response_ids, response_mask, groups)
         with _autocast(ids.device):
@@ -481,15 +611,21 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
             return logprobs, None
         entropy = torch.zeros((B, T), dtype=ent.dtype, device=ent.device).masked_scatter(real, ent)
         return logprobs, entropy
-    ids = torch.cat([query_ids, response_ids], dim=1)
-    mask = torch.cat([query_mask, response_mask], dim=1)
-    P = query_ids.shape[1]
-    scored = torch.arange(P - 1, P + T - 1, device=ids.device)  # the position before each response token
-    with _autocast(ids.device):
-        # the LM head only where a response token is scored: on long prompts most of its work would otherwise
-        # be thrown away (and slicing its output would cost a [B, T + 1, V] zero-filled copy in backward)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
-                       logits_to_keep=scored).logits
+    if seq2seq:
+        # one encoder + decoder forward: the prompt in the encoder, [start] + y[:-1] in the decoder, whose
+        # position t scores y_t (padding after a row's end is only ever read by later, unscored positions)
+        with _autocast(query_ids.device):
+            logits = model(**seq2seq_inputs(model, query_ids, query_mask, response_ids), use_cache=False).logits
+    else:
+        ids = torch.cat([query_ids, response_ids], dim=1)
+        mask = torch.cat([query_mask, response_mask], dim=1)
+        P = query_ids.shape[1]
+        scored = torch.arange(P - 1, P + T - 1, device=ids.device)  # the position before each response token
+        with _autocast(ids.device):
+            # the LM head only where a response token is scored: on long prompts most of its work would otherwise
+            # be thrown away (and slicing its output would cost a [B, T + 1, V] zero-filled copy in backward)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
+                           logits_to_keep=scored).logits
     bias = response_logits_bias(T, logits.shape[-1], min_new_tokens, eos_id, pad_id, logits.device)
     # one [B, T, V] copy does temperature, masks and fp32 (bf16 logits promote) at once: the logits are the
     # largest tensors of the update
@@ -504,8 +640,19 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
     return logprobs, ent.view(B, T)  # entr(0) = 0: masked tokens add nothing
 
 
+def seq2seq_inputs(model, query_ids, query_mask, response_ids) -> dict:
+    """The forward arguments of an encoder-decoder model for [left-padded query | right-padded response]: the
+    query left-aligned with its mask into the encoder, the decoder start token + the response but its last token
+    into the decoder (decoder position t reads y_<t)."""
+    enc_ids, enc_mask = left_to_right_aligned(query_ids, query_mask)
+    start = torch.full_like(response_ids[:, :1], decoder_start_id(model))
+    return {"input_ids": enc_ids, "attention_mask": enc_mask,
+            "decoder_input_ids": torch.cat([start, response_ids[:, :-1]], dim=1)}
+
+
 class ValueModel(torch.nn.Module):
-    """A critic: a transformer backbone with a scalar head, read at every response position."""
+    """A critic: a transformer backbone with a scalar head, read at every response position. An encoder-decoder
+    backbone (T5Model: no LM head) reads the prompt in its encoder and the head reads its decoder's states."""
 
     def __init__(self, backbone):
         super().__init__()
@@ -518,6 +665,11 @@ class ValueModel(torch.nn.Module):
         """V(x, y_<t) for every response position t: the state before token t is read at the position
         of the previous token, like the logits. [B, T]. `pack` as in `forward_response`."""
         B, T = response_ids.shape
+        if is_seq2seq(self.backbone):  # decoder position t reads [start] + y_<t: the state before token t
+            with _autocast(query_ids.device):
+                hidden = self.backbone(**seq2seq_inputs(self.backbone, query_ids, query_mask, response_ids),
+                                       use_cache=False).last_hidden_state
+            return self.head(hidden.float()).squeeze(-1)
         groups = _layout(self.backbone, query_mask, response_mask, pack)
         if groups is not None:
             ids, pos, keep, _ = _pack(query_ids, query_mask, response_ids, response_mask, groups)

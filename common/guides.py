@@ -2,8 +2,9 @@
 continuation text out; nothing but its samples is ever used, and a model guide's weights never change.
 
 Three kinds behind one interface, `complete(prompts, prefixes, budgets) -> [(text, finished), ...]`:
-- `HFGuide`: any causal LM (hub id or folder) with its own sampling settings (top-p 0.92 and friends),
-  separate from the learner's;
+- `HFGuide`: any causal or encoder-decoder LM (hub id or folder) with its own sampling settings (top-p 0.92
+  and friends), separate from the learner's; a seq2seq guide reads the prompt in its encoder and has the
+  prefix teacher-forced into its decoder (`common.generation.sample`);
 - `HTTPGuide`: any OpenAI-compatible server (vLLM, llama.cpp, TGI, Ollama, a hosted API) through its
   `/completions` or `/chat/completions` endpoint, with the same sampling settings sent in each request;
 - `CallableGuide`: a plain Python function `fn(prompts, prefixes) -> continuations`.
@@ -39,7 +40,7 @@ from typing import Callable, Protocol
 import torch
 
 from common.errors import UsageError
-from common.generation import decode, position_limit, sample
+from common.generation import decode, query_room, sample
 
 
 class Guide(Protocol):
@@ -73,7 +74,7 @@ class CallableGuide:
 
 
 class HFGuide:
-    """A frozen causal LM sampled with its own settings. Its parameters never receive gradients."""
+    """A frozen causal or encoder-decoder LM sampled with its own settings. Its parameters never receive gradients."""
 
     def __init__(self, model, tokenizer, *, top_p: float = 0.92, top_k: int = 0, temperature: float = 1.0,
                  min_new_tokens: int = 0, device=None, name: str = "hf"):
@@ -87,9 +88,9 @@ class HFGuide:
         queries, forced = enc(prompts), enc(prefixes)
         # the prefix counts toward the response in the guide's tokens too (its minimum length rule)
         total = max(len(f) + b for f, b in zip(forced, max_new_tokens))
-        limit = position_limit(self.model)
-        if limit:
-            queries = [q[-max(1, limit - total):] for q in queries]
+        room = query_room(self.model, total)  # a causal guide holds prompt + response, a seq2seq guide's encoder the prompt
+        if room is not None:
+            queries = [q[-max(1, room):] for q in queries]
         out = sample(self.model, queries, prefixes=forced, max_new_tokens=total, min_new_tokens=self.min_new_tokens,
                      eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id, temperature=self.temperature,
                      top_k=self.top_k, top_p=self.top_p, device=self.device)

@@ -209,7 +209,8 @@ def compute_metrics(task_name: str, prompts: list[str], responses: list[str], re
 # ---------------------------------------------------------------------------------------------------
 def perplexity(model, tokenizer, prompts: list[str], texts: list[str], device=None, batch_size: int = 16) -> float:
     """exp(mean negative log-likelihood) of the tokens of `texts`, each conditioned on its prompt, under
-    a causal LM; the mean is over all text tokens of all samples. Prompt and text are tokenised
+    a causal LM (or an encoder-decoder LM: prompt in the encoder, text scored from the decoder's start token);
+    the mean is over all text tokens of all samples. Prompt and text are tokenised
     separately (no special tokens) and joined; an empty prompt starts from BOS where the tokenizer has
     one (else the text's first token is not scored). Sequences longer than the model takes lose the
     start of the prompt. Right padding with an attention mask, so positions are the unpadded ones."""
@@ -220,7 +221,10 @@ def perplexity(model, tokenizer, prompts: list[str], texts: list[str], device=No
         raise UsageError(f"prompts and texts must have the same length (got {len(prompts)} and {len(texts)})")
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1 (got {batch_size})")
+    from common.generation import is_seq2seq, left_pad, right_pad, seq2seq_inputs
+
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    seq2seq = is_seq2seq(model)
     max_len = model_max_length(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -230,7 +234,7 @@ def perplexity(model, tokenizer, prompts: list[str], texts: list[str], device=No
         t_ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_len]
         if not p_ids and tokenizer.bos_token_id is not None:
             p_ids = [tokenizer.bos_token_id]
-        keep = max_len - len(t_ids)
+        keep = max_len if seq2seq else max_len - len(t_ids)  # seq2seq: prompt and text on two sides
         p_ids = p_ids[len(p_ids) - keep:] if keep > 0 else []
         seqs.append((p_ids, t_ids))
 
@@ -245,14 +249,20 @@ def perplexity(model, tokenizer, prompts: list[str], texts: list[str], device=No
                 ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(chunk), width), dtype=torch.long)
                 labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-                for i, (p, t) in enumerate(chunk):
-                    n = len(p) + len(t)
-                    ids[i, :n] = torch.tensor(p + t, dtype=torch.long)
-                    mask[i, :n] = 1
-                    labels[i, len(p):n] = torch.tensor(t, dtype=torch.long)
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                target = labels[:, 1:].to(device)
-                nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                if seq2seq:  # the prompt into the encoder, the text scored by the decoder from its start token
+                    text_ids, text_mask = right_pad([t for _, t in chunk], pad_id, device=device)
+                    logits = model(**seq2seq_inputs(model, *left_pad([p for p, _ in chunk], pad_id, device),
+                                                    text_ids)).logits
+                    target = text_ids.masked_fill(text_mask == 0, -100)
+                else:
+                    for i, (p, t) in enumerate(chunk):
+                        n = len(p) + len(t)
+                        ids[i, :n] = torch.tensor(p + t, dtype=torch.long)
+                        mask[i, :n] = 1
+                        labels[i, len(p):n] = torch.tensor(t, dtype=torch.long)
+                    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
+                    target = labels[:, 1:].to(device)
+                nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                                       ignore_index=-100, reduction="sum")
                 total_nll += float(nll)
                 total_tokens += int((target != -100).sum())

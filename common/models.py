@@ -66,12 +66,26 @@ def load_tokenizer(name: str):
     return tok
 
 
+def is_encoder_decoder(name: str) -> bool:
+    """Whether the model at `name` (folder or hub id) is an encoder-decoder model (T5, BART, ...), read from its
+    config (`is_encoder_decoder`)."""
+    from transformers import AutoConfig
+
+    try:
+        return bool(getattr(AutoConfig.from_pretrained(os.path.expanduser(name)), "is_encoder_decoder", False))
+    except (OSError, ValueError):
+        return False  # the model's own loading then says what is wrong
+
+
 def load_causal_lm(name: str, tokenizer, device, what: str = "model"):
-    from transformers import AutoModelForCausalLM
+    """A causal LM (AutoModelForCausalLM), or an encoder-decoder LM (AutoModelForSeq2SeqLM) where the model's
+    config says `is_encoder_decoder`: everything downstream (common.generation) takes either."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     check_model_path(name, what)
+    auto = AutoModelForSeq2SeqLM if is_encoder_decoder(name) else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name))
+        model = auto.from_pretrained(os.path.expanduser(name))
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load {what} {name!r} ({str(e).splitlines()[0][:120]}); offline, pass a local "
                          "folder saved with save_pretrained") from None
@@ -79,16 +93,29 @@ def load_causal_lm(name: str, tokenizer, device, what: str = "model"):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model.config, "is_encoder_decoder", False):
+        from common.generation import decoder_start_id
+
+        try:
+            decoder_start_id(model)
+        except ValueError as e:
+            raise UsageError(f"{what} {name!r}: {e}; set it in the model's config.json") from None
     _no_dropout(model)
     return model.to(device).eval()
 
 
 def _no_dropout(model):
-    """Dropout off everywhere (SPEC 4.2: otherwise the ratio is not 1 on the first minibatch)."""
+    """Dropout off everywhere (SPEC 4.2: otherwise the ratio is not 1 on the first minibatch): the Dropout modules,
+    the rates attention layers keep as plain numbers (T5's and BART's attention read `self.dropout` in training
+    mode, which gradient checkpointing turns on), and the config."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout", "hidden_dropout"):
+        for key in ("dropout", "attention_dropout", "activation_dropout", "dropout_rate"):
+            if isinstance(getattr(m, key, None), float):
+                setattr(m, key, 0.0)
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout", "hidden_dropout",
+                "dropout_rate", "activation_dropout"):
         if hasattr(model.config, key):
             setattr(model.config, key, 0.0)
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from common.errors import UsageError
 from common.generation import (ValueModel, decode, forward_response, left_pad, position_limit, right_pad, sample,
                                set_bf16)
-from common.models import EMBEDDED, embedded_models, load_causal_lm, load_tokenizer
+from common.models import EMBEDDED, _no_dropout, embedded_models, load_causal_lm, load_tokenizer
 from common.tasks import Task, encode_prompt
 
 
@@ -181,12 +181,13 @@ def resolve_models(task: Task, policy_model: str | None, guide_model: str | None
 
 def build_policy_ref_critic(policy_path: str, device, context: int, gradient_checkpointing: bool = False):
     """The learner, its frozen reference copy (KL penalty) and a critic on the same initial backbone.
-    `context` = prompt tokens + new tokens must fit the model's positions. `gradient_checkpointing`: the
+    `context` = prompt tokens + new tokens must fit the model's positions. An encoder-decoder model (read from its
+    config) gets the same three: its LM, a copy, and a critic on its encoder-decoder backbone. `gradient_checkpointing`: the
     trained models recompute each layer in the backward instead of keeping its activations."""
     tok = load_tokenizer(policy_path)
     policy = load_causal_lm(policy_path, tok, _load_device(device), "--policy-model")
     limit = position_limit(policy)
-    if limit and context > limit:
+    if limit and context > limit:  # an encoder-decoder model with absolute positions (BART): conservative
         raise UsageError(f"prompt + response ({context} tokens) exceed the {limit} positions of {policy_path}: "
                          "lower --prompt-tokens or --max-new-tokens")
     ref = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
@@ -246,15 +247,14 @@ def zero_gradients(trained, idle=()) -> None:
 
 
 def make_critic(policy_path: str, tok, device, gradient_checkpointing: bool = False) -> ValueModel:
-    """A separate value model (backbone + scalar head), initialised from the policy's backbone."""
+    """A separate value model (backbone + scalar head), initialised from the policy's backbone (AutoModel: a causal
+    LM's transformer, an encoder-decoder LM's encoder-decoder without LM head, e.g. T5Model)."""
     from transformers import AutoModel
 
     backbone = AutoModel.from_pretrained(os.path.expanduser(policy_path))
     if backbone.get_input_embeddings().num_embeddings < len(tok):
         backbone.resize_token_embeddings(len(tok))
-    for m in backbone.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    _no_dropout(backbone)
     if gradient_checkpointing:
         enable_gradient_checkpointing(backbone, policy_path)
     return ValueModel(backbone).to(_load_device(device))

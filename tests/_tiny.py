@@ -78,3 +78,34 @@ def favour_token(model, token_id: int, logit: float):
         u = u / u.norm()
         wte[token_id] = u
         model.transformer.ln_f.bias.copy_(logit * u)
+
+
+def build_tiny_t5(task: str, out: Path, *, vocab_size: int = 400, seed: int = 0, favour: str | int | None = None,
+                  favour_logit: float = 14.0) -> Path:
+    """The same tokenizer as `build_tiny` (pad distinct from EOS) + a random 2-layer T5ForConditionalGeneration
+    (d_model 32), decoder_start_token_id = pad as T5 has it, default T5 dropout (0.1: the project must switch it
+    off). With `favour` (a one-token string or a token id) and the default `favour_logit`, that token gets
+    probability > 0.99 at every decoder step (a lower logit: just a likelier token, e.g. EOS for ragged lengths): the last decoder layer's
+    feed-forward writes a large positive sum of its ReLU units into dimension 0, which the final RMSNorm turns
+    into a near-constant feature, and only the favoured token's (tied) embedding has a dimension 0."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from common.models import EmbeddedConfig, _train_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _train_tokenizer(train_texts(task), EmbeddedConfig(vocab_size=vocab_size), out)
+    assert tok.pad_token_id != tok.eos_token_id
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      decoder_start_token_id=tok.pad_token_id)
+    model = T5ForConditionalGeneration(config)
+    if favour is not None:
+        ids = [favour] if isinstance(favour, int) else tok(favour, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, (favour, ids)
+        with torch.no_grad():
+            model.decoder.block[-1].layer[-1].DenseReluDense.wo.weight[0, :] = 5.0
+            model.shared.weight[:, 0] = 0.0
+            model.shared.weight[ids[0], 0] = favour_logit
+    model.save_pretrained(out)
+    return out

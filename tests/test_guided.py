@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from _tiny import DATA, build_tiny, favour_token, has_data  # noqa: F401  (also puts the repo on sys.path)
+from _tiny import DATA, build_tiny, build_tiny_t5, favour_token, has_data  # noqa: F401  (also puts the repo on sys.path)
 from conftest import DEVICE  # noqa: E402
 
 import aggrevated  # noqa: E402
@@ -65,12 +65,15 @@ def _env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """models(task, kind) -> folder: kind 'plain' (random learner), 'eos' (learner that ends often, for
-    ragged lengths), 'guideT' (HF guide that always writes T_TEXT)."""
+    ragged lengths), 'guideT' (HF guide that always writes T_TEXT); 't5-eos': a tiny T5 learner that ends often."""
     cache: dict = {}
 
     def make(task: str, kind: str = "plain") -> Path:
         if (task, kind) not in cache:
             out = tmp_path_factory.mktemp(f"tiny-{task}-{kind}")
+            if kind == "t5-eos":
+                cache[(task, kind)] = build_tiny_t5(task, out, favour=0, favour_logit=4.0)  # EOS is id 0
+                return cache[(task, kind)]
             path = build_tiny(task, out, seed=0 if kind != "guideT" else 1,
                               favour=T_TEXT if kind == "guideT" else None)
             if kind == "eos":
@@ -406,34 +409,36 @@ GUIDED_SETTINGS = {
     "d2lols": dict(beta=0.5, tau=2, iterations=4),
 }
 KL_COEF = 0.1
+MODEL_KINDS = ("gpt2", "t5")  # the learner: a causal LM or an encoder-decoder LM (prompt in the encoder)
 
 
 @pytest.fixture(scope="module")
 def guided(models, tmp_path_factory):
-    """guided(algo) -> (Recorder, run folder, tokenizer, T id): commongen, a learner with ragged lengths, the
-    one-token callable guide, beta 0.5; recorded once per module. One minibatch and one epoch per
-    iteration: the ratio is 1 in the only update, so no token's gradient is cut by the clip."""
+    """guided(algo, kind) -> (Recorder, run folder, tokenizer, T id): commongen, a learner with ragged lengths
+    (kind 'gpt2' or 't5'), the one-token callable guide, beta 0.5; recorded once per module. One minibatch and
+    one epoch per iteration: the ratio is 1 in the only update, so no token's gradient is cut by the clip."""
     cache: dict = {}
 
-    def get(algo: str):
-        if algo not in cache:
-            model = models("commongen", "eos")
-            out = tmp_path_factory.mktemp(f"guided-{algo}")
+    def get(algo: str, kind: str = "gpt2"):
+        if (algo, kind) not in cache:
+            model = models("commongen", "eos" if kind == "gpt2" else "t5-eos")
+            out = tmp_path_factory.mktemp(f"guided-{algo}-{kind}")
             args = script_args(SCRIPTS[algo], "commongen", model, out, rollouts_per_iteration=8, minibatch_size=8,
                                lr=1e-3, kl_coef=KL_COEF, **GUIDED_SETTINGS[algo])
             rec, _ = run_recorded(SCRIPTS[algo], args, guide=one_token_guide())
             assert len(rec.iters) == args.iterations
-            cache[algo] = (rec, out / "run", load_tokenizer(str(model)), t_id(model))
-        return cache[algo]
+            cache[(algo, kind)] = (rec, out / "run", load_tokenizer(str(model)), t_id(model))
+        return cache[(algo, kind)]
 
     return get
 
 
+@pytest.mark.parametrize("kind", MODEL_KINDS)
 @pytest.mark.parametrize("algo", list(SCRIPTS))
-def test_token_provenance_with_one_token_guide(guided, algo):
+def test_token_provenance_with_one_token_guide(guided, algo, kind):
     """PPO++: every roll-in token (t < k) is T, the rest is exactly what the learner sampled.
     AggreVaTeD: every token from k on (up to EOS) is T, the prefix is the learner's roll-in."""
-    rec, _, tok, T = guided(algo)
+    rec, _, tok, T = guided(algo, kind)
     eos = tok.eos_token_id
     n_switch = {"ppo++": 0, "aggrevated": 0}
     n_zero = {"ppo++": 0, "aggrevated": 0}
@@ -463,11 +468,12 @@ def test_token_provenance_with_one_token_guide(guided, algo):
         assert n_switch[phase] > 0 and n_zero[phase] > 0, f"{phase}: need rows with and without a switch ({n_switch}, {n_zero})"
 
 
+@pytest.mark.parametrize("kind", MODEL_KINDS)
 @pytest.mark.parametrize("algo", list(SCRIPTS))
-def test_loss_masks_follow_spec_table(guided, algo):
+def test_loss_masks_follow_spec_table(guided, algo, kind):
     """SPEC 2: PPO++ policy = critic = t >= k; AggreVaTeD policy t < k, critic t >= k (k = 0 rows: critic
     only); LOLS / D2LOLS: the phase's masks (SPEC 5.3: not PPO++'s masks in AggreVaTeD iterations)."""
-    rec, _, _, _ = guided(algo)
+    rec, _, _, _ = guided(algo, kind)
     kinds = set()
     for it in rec.iters:
         ro = analyse(it, phase_of(algo, it))
@@ -496,11 +502,12 @@ def test_loss_masks_follow_spec_table(guided, algo):
     assert phases == ({"ppo++", "aggrevated"} if algo in ("lols", "d2lols") else {phase_of(algo, rec.iters[0])})
 
 
+@pytest.mark.parametrize("kind", MODEL_KINDS)
 @pytest.mark.parametrize("algo", list(SCRIPTS))
-def test_kl_penalty_only_on_learner_tokens(guided, algo):
+def test_kl_penalty_only_on_learner_tokens(guided, algo, kind):
     """r_t = -kl_coef * (log pi_theta(y_t) - log pi_ref(y_t)) on the learner's tokens only (the guide's
     tokens have no learner log-prob of their own), + R(x, y) at the last token (SPEC 1, 5.2)."""
-    rec, _, tok, _ = guided(algo)
+    rec, _, tok, _ = guided(algo, kind)
     seen_kl = False
     for it in rec.iters:
         ro = analyse(it, phase_of(algo, it))
