@@ -664,7 +664,7 @@ def test_resume_restores_coins_phase_and_both_critics(models, tmp_path, algo):
     """2 iterations + --resume to 4 == 4 iterations in one go (mixing coins, LOLS's coin, both critics)."""
     mod = SCRIPTS[algo]
     extra = dict(p_ppo_pp=0.5) if algo == "lols" else dict(tau=3)  # resumes inside the AggreVaTeD phase
-    kw = dict(beta=0.5, lr=1e-3, lr_schedule="constant", **extra)
+    kw = dict(beta=0.5, lr=1e-3, lr_schedule="constant", keep_checkpoint=True, **extra)
     model = models("commongen")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rt, "build_guide", lambda *a, **k: one_token_guide())
