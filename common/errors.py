@@ -44,8 +44,8 @@ def one_line_errors(main):
         except UsageError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        except RunFailed as e:
-            print(f"error: {e}", file=sys.stderr)
+        except RunFailed as e:  # on a line of its own, after the progress bar
+            print(f"\nerror: {e}", file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt as e:
             print("\ninterrupted while setting up, before the first iteration: nothing new was saved", file=sys.stderr)
