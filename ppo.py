@@ -214,7 +214,8 @@ def main(args: Args):
     # ---- data, models, reward -------------------------------------------------------------------
     train = task.load("train", data_dir)
     val = task.load("validation", data_dir, limit=args.eval_samples)
-    policy_path, _ = rt.resolve_models(task, args.policy_model, None, data_dir, rank, world, log, rebuild=args.rebuild_models)
+    policy_path, _ = rt.resolve_models(task, args.policy_model, None, data_dir, rank, world, log,
+                                       rebuild=args.rebuild_models)
     rt.seed_everything(rt.derive_seed(args.seed, "torch", rank))  # each process samples its own rollouts
     tok, policy, ref, critic = rt.build_policy_ref_critic(
         policy_path, device, args.prompt_tokens + args.max_new_tokens, args.gradient_checkpointing)

@@ -51,7 +51,7 @@ def one_line_errors(main):
             print("\ninterrupted while setting up, before the first iteration: nothing new was saved", file=sys.stderr)
             sys.exit(exit_code(e))
         finally:
-            if main_thread:
+            if main_thread and previous is not None:  # None: a handler installed outside Python, left alone
                 signal.signal(signal.SIGTERM, previous)
 
     return wrapper
