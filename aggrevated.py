@@ -23,15 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-import tyro
 
 from common import runtime as rt
 from common.errors import UsageError, one_line_errors
@@ -176,9 +172,17 @@ class Args:
     """checkpoint every this many iterations; default eval_interval"""
     sample_rows: int = 8
     """rows in the TensorBoard sample tables"""
+    slow_metrics: bool = False
+    """also METEOR and SPICE in CommonGen's evaluations (they start a JVM: METEOR ~6 s each time)"""
+    keep_checkpoint: bool = False
+    """keep checkpoint.pt when the run finishes, to continue it later (--resume with more --iterations); a
+    finished run deletes it otherwise (the policy and critic are saved beside it)"""
+    rebuild_models: bool = False
+    """build the task's embedded models again instead of loading them from the cache (RLGF_CACHE_DIR)"""
 
 
 ALGO = "aggrevated"
+PRESET_ALIASES = {"beta": "aggrevated_beta"}  # Args field -> the preset key it reads
 
 
 def compute_gae(rewards, values, mask, gamma: float, lam: float):
@@ -231,30 +235,30 @@ class AdaptiveKL:
 
 
 def check_args(args: Args, world: int):
+    rt.check_settings(args, world)  # the settings every script shares
     if args.kl_estimator not in ("k1", "k3"):
         raise UsageError(f"--kl-estimator must be k1 or k3, not {args.kl_estimator!r}")
     if args.lr_schedule not in ("linear", "constant"):
         raise UsageError(f"--lr-schedule must be linear or constant, not {args.lr_schedule!r}")
-    if args.min_new_tokens > args.max_new_tokens:
-        raise UsageError(f"--min-new-tokens {args.min_new_tokens} exceeds --max-new-tokens {args.max_new_tokens}")
-    if not 0.0 <= args.beta <= 1.0:
-        raise UsageError(f"--beta must be in [0, 1], not {args.beta}")
-    rt.check_batch_sizes(args.rollouts_per_iteration, args.minibatch_size, args.micro_batch_size, world)
 
 
 @one_line_errors
 def main(args: Args):
     rt.quiet_libraries()
+    args = rt.resume_settings(args, ALGO)  # --resume: the run's own settings (its args.json)
     task = get_task(args.task)
     data_dir = resolve_data_dir(args.data_dir)
-    args = fill_presets(args, task.name, args.preset, aliases={"beta": "aggrevated_beta"})
+    args = fill_presets(args, task.name, args.preset, aliases=PRESET_ALIASES)
     args = dataclasses.replace(
         args, min_new_tokens=task.min_new_tokens if args.min_new_tokens is None else args.min_new_tokens,
-        max_new_tokens=args.max_new_tokens or task.max_new_tokens,
-        save_interval=args.save_interval or args.eval_interval)
+        max_new_tokens=task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+        save_interval=args.eval_interval if args.save_interval is None else args.save_interval)
+    world = rt.world_size()
+    args = dataclasses.replace(args, micro_batch_size=max(1, args.minibatch_size // world)
+                               if args.micro_batch_size is None else args.micro_batch_size)
+    check_args(args, world)  # every setting, before any data, model or run folder is touched
+    run_dir = rt.run_dir_of(args, ALGO, task.name)
     rank, world, device = rt.setup_device(args.device, args.bf16, args.fsdp)
-    args = dataclasses.replace(args, micro_batch_size=args.micro_batch_size or args.minibatch_size // world)
-    check_args(args, world)
     log = print if rank == 0 else (lambda *a, **k: None)
     evaluates = rank == 0 or args.fsdp  # a sharded policy samples only with every process taking part
 
@@ -262,12 +266,12 @@ def main(args: Args):
     train = task.load("train", data_dir)
     val = task.load("validation", data_dir, limit=args.eval_samples)
     policy_path, guide_path = rt.resolve_models(task, args.policy_model, args.guide_model, data_dir, rank, world, log,
-                                                need_guide=args.guide == "model")
+                                                need_guide=args.guide == "model", rebuild=args.rebuild_models)
     guide = rt.build_guide(args.guide, task, guide_path, None, device, top_p=args.guide_top_p, top_k=args.guide_top_k,
                            temperature=args.guide_temperature, min_new_tokens=args.min_new_tokens,
                            server=ServerOptions.from_args(args))
-    rt.seed_everything(args.seed + rank)  # each process samples its own rollouts
-    mix_rng = random.Random(args.seed + rank)  # mixing coins and switch points: their own stream
+    rt.seed_everything(rt.derive_seed(args.seed, "torch", rank))  # each process samples its own rollouts
+    mix_rng = rt.rng_stream(args.seed, "mix", rank)  # mixing coins and switch points: their own stream
     tok, policy, ref, critic = rt.build_policy_ref_critic(
         policy_path, device, args.prompt_tokens + args.max_new_tokens, args.gradient_checkpointing)
     reward_fn = rt.make_reward(task, args.reward_model, train, device, log)
@@ -278,40 +282,40 @@ def main(args: Args):
                                   fused=device.type in ("cpu", "cuda"))
     rt.zero_gradients([policy, critic])  # allocated once, up front (see rt.zero_gradients)
     kl_ctl = AdaptiveKL(args.kl_coef, args.kl_target, args.kl_horizon)
-    sampler = rt.PromptSampler(len(train), args.seed)
-    run_dir = Path(args.resume) if args.resume else rt.run_dir_for(args.output_dir, ALGO, task.name, args.seed, args.run_name)
+    sampler = rt.PromptSampler(len(train), rt.derive_seed(args.seed, "prompts"))  # the same in every process
     start = 1
     if args.resume:
-        ck = rt.load_checkpoint(run_dir, args)
+        ck = rt.load_checkpoint(run_dir, ALGO)
         policy.load_state_dict(ck["policy"]), critic.load_state_dict(ck["critic"])
         optimizer.load_state_dict(ck["optimizer"]), sampler.load_state_dict(ck["sampler"])
         kl_ctl.value, start = ck["kl_coef"], ck["iteration"] + 1
         mix_rng.setstate(rt.own_rank(ck["mix_rng"]))
         rt.set_rng_state(ck["rng"])
     policy_t, critic_t = rt.wrap_for_training([policy, critic], optimizer, world, args.fsdp)
-    logger = rt.RunLogger(run_dir, args, enabled=rank == 0, resume_from=start if args.resume else None)
+    logger = rt.RunLogger(run_dir, args, enabled=rank == 0, resume_from=start if args.resume else None, algo=ALGO)
     log(f"{ALGO} on {task.name}: guide {getattr(guide, 'name', args.guide)}, beta {args.beta}; policy {policy_path}, {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M "
         f"params, {world} process(es) on {device}; run folder {run_dir}")
 
     def run_eval(step):
-        m, rows = rt.evaluate(policy, ref, tok, task, val, reward_fn, args, device)
+        m, rows = rt.evaluate(policy, ref, tok, task, val, reward_fn, args, device, step=step)
         logger.scalars({f"eval/{k}": v for k, v in m.items()}, step)
         logger.table("eval/samples", ["prompt", "response", "reward"], rows, step, args.sample_rows)
         return m
 
     def checkpoint(it):  # every process: under FSDP the full state dicts are gathered from all of them
         rt.save_checkpoint(run_dir / "checkpoint.pt", {
+            "script": ALGO,
             "policy": rt.full_state_dict(policy, rank), "critic": rt.full_state_dict(critic, rank),
             "optimizer": rt.full_optimizer_state(optimizer, rank),
             "sampler": sampler.state_dict(), "kl_coef": kl_ctl.value, "iteration": it, "rng": rt.rng_state(), "first_eval": first_eval,
             "mix_rng": rt.per_rank(mix_rng.getstate())})
 
-    first_eval = (ck["first_eval"] if args.resume else run_eval(start - 1)) if evaluates else None
     local = args.rollouts_per_iteration // world
     mb_local = args.minibatch_size // world
     progress = rt.progress_bar(range(start, args.iterations + 1), enabled=rank == 0)
     last_eval = None
     try:
+        first_eval = (ck["first_eval"] if args.resume else run_eval(start - 1)) if evaluates else None
         for it in progress:
             t_iter = time.time()
             frac = 1.0 - (it - 1) / args.iterations
@@ -354,7 +358,8 @@ def main(args: Args):
             t_fwd = time.time() - t0
             t0 = time.time()
             responses = decode(tok, [p + y for p, y in zip(prefixes, guide_out)])
-            scores = torch.tensor(reward_fn([e.prompt for e in batch], responses, [e.references for e in batch]),
+            scores = torch.tensor(rt.scored(reward_fn, [e.prompt for e in batch], responses, [e.references for e in batch],
+                                            f"iteration {it}"),
                                   dtype=torch.float, device=device)
             guide_scores = [s for s, k in zip(scores.tolist(), ks) if k == 0]  # the guide wrote all of these
             t_rew = time.time() - t0
@@ -423,6 +428,7 @@ def main(args: Args):
             # the update's statistics, read from the device at once (so the time counts the GPU's work too)
             logged = [k for k, v in stats.items() if v]
             upd = dict(zip(logged, torch.stack([torch.stack(stats[k]).mean() for k in logged]).tolist()))
+            rt.check_finite(upd, f"iteration {it}")  # a NaN loss stops the run; the last checkpoint stays as it was
             t_upd = time.time() - t0
 
             # ---- logging (fixed metric names, docs/metrics.md) ---------------------------------
@@ -467,20 +473,20 @@ def main(args: Args):
                 last_eval = run_eval(it)
             if it % args.save_interval == 0 or it == args.iterations:
                 checkpoint(it)
-    except KeyboardInterrupt:
-        if rank == 0:
-            print(rt.save_interrupted(policy, critic, tok, run_dir), file=sys.stderr)
-        raise SystemExit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: keep the policy, say how to continue
+        logger.close()
+        rt.interrupted(e, run_dir, rank, ALGO, lambda: rt.save_interrupted(policy, critic, tok, run_dir), bool(args.resume))
 
     final = (last_eval if last_eval is not None else run_eval(args.iterations)) if evaluates else None
     rt.save_final(policy, critic, tok, run_dir)  # every process: under FSDP the weights are gathered
     if rank == 0:
         rt.report(first_eval, final, run_dir)
         print(f"policy saved to {run_dir / 'policy'}")
+        rt.finish(run_dir, args.keep_checkpoint)
         logger.close()
         return first_eval, final
     return None
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(rt.cli(Args, __doc__, PRESET_ALIASES))

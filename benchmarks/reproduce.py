@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -88,6 +89,8 @@ def run_one(args: Args, task, algo, guide, seed) -> bool:
     if (run_dir / "checkpoint.pt").exists():
         cmd += ["--resume", str(run_dir)]
     else:
+        if run_dir.exists():  # a run killed before its first checkpoint: nothing to keep, and a new run refuses it
+            shutil.rmtree(run_dir)
         cmd += ["--output-dir", args.runs_dir, "--run-name", run_dir.name]
     if guide != "-":
         cmd += ["--guide", guide]

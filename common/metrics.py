@@ -198,7 +198,7 @@ def compute_metrics(task_name: str, prompts: list[str], responses: list[str], re
         else:
             say_once("spice", f"spice skipped: {reason}")
     else:
-        say_once("slow", "meteor and spice skipped: they start a JVM (METEOR ~6 s); pass slow_metrics=True")
+        say_once("slow", "meteor and spice skipped: they start a JVM (METEOR ~6 s); pass --slow-metrics")
     say_once("bertscore", "bertscore skipped: it needs the bert_score package and roberta-large weights from "
                           "the Hugging Face Hub, which cannot be reached offline")
     return out

@@ -3,7 +3,8 @@
 Embedded defaults: when no model is given, each task gets a byte-level BPE tokenizer trained on its
 train text (pad distinct from EOS) and a small GPT-2-style model trained by supervised learning (SFT)
 on the train split, cached on disk (RLGF_CACHE_DIR, default ~/.cache/rlgf) so the next run starts in
-seconds.
+seconds. A build is a fixed number of steps on one thread, so the same data (by content), config and seed give
+the same weights however busy the machine is; `--rebuild-models` (or deleting the cache folder) builds again.
 
 - IMDB: the learner starts from an LM trained on all reviews; the guide is that LM further fine-tuned
   on positive reviews only (the paper's guide is an SFT on positive reviews).
@@ -17,8 +18,8 @@ import json
 import math
 import os
 import random
+import re
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -31,7 +32,7 @@ from common.tasks import Task, encode_prompt, hub_offline_if_unreachable
 
 CACHE_ENV = "RLGF_CACHE_DIR"
 PAD, EOS = "<|pad|>", "<|endoftext|>"
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 
 
 def cache_root() -> Path:
@@ -139,9 +140,9 @@ class EmbeddedConfig:
     """optimiser steps of the base SFT (fixed, so a build is reproducible)"""
     guide_steps: int = 0
     """IMDB: optimiser steps of the guide's extra SFT on positive reviews"""
-    max_seconds: float = 225.0
-    """safety cap on the wall time of the whole build (data, tokenizer, SFT, saving): on a machine slower
-    than the one the step counts were sized on, the SFT schedule is shortened (logged and recorded)"""
+    threads: int = 1
+    """torch intra-op threads of the build, whatever the process uses otherwise: another count sums the matmuls
+    in another order and so gives other weights (1 vs 2 threads: up to 2e-3 apart after 4 steps)"""
     batch_size: int = 32
     length_buckets: int = 8
     """batches are formed from groups of this many batches' worth of texts sorted by length (less
@@ -262,85 +263,31 @@ def _loss(model, ids, w):
     return (ce * ws).sum() / ws.sum().clamp(min=1e-8)
 
 
-class _Clock:
-    """The wall-clock safety cap shared by the SFT stages of one build."""
-
-    def __init__(self, seconds: float):
-        self.t0, self.seconds = time.time(), seconds
-
-    def left(self) -> float:
-        return self.seconds - (time.time() - self.t0)
-
-
-class _Pacer:
-    """Keeps an SFT stage inside its wall-clock budget without touching it on a machine that is fast
-    enough (then the run is reproducible bit for bit at the user's thread count). Checked every 10
-    steps: when the projected time overruns the budget, it first tries the other thread count (on a
-    2-core machine shared with another busy process, 1 thread ran 2-3x faster than 2, whose threads
-    wait on each other), then shortens the schedule to what fits. Both are logged and recorded."""
-
-    def __init__(self, budget: float, plan: int, log, tag: str):
-        self.budget, self.plan, self.log, self.tag = budget, plan, log, tag
-        self.threads0 = self.threads = torch.get_num_threads()
-        self.t0, self.last = time.time(), time.time()
-        self.speed: dict[int, tuple[float, int]] = {}  # threads -> (s/step over the last 10 steps, step)
-        self.capped, self.switches, self.last_switch = False, 0, -10**9
-
-    def check(self, step: int) -> None:
-        now = time.time()
-        if step == 0 or step % 10:
-            return
-        per_step = (now - self.last) / 10
-        self.last = now
-        self.speed[self.threads] = (per_step, step)
-        left = self.budget - (now - self.t0)
-        if (self.plan - step) * per_step <= left:
-            return
-        if self.threads0 > 1 and step - self.last_switch >= 20:
-            other = 1 if self.threads > 1 else self.threads0
-            known = self.speed.get(other)
-            if known is None or step - known[1] > 100 or known[0] < per_step:
-                self.log(f"  {self.tag}: behind the wall-clock cap at {per_step:.2f} s/step with {self.threads} "
-                         f"thread(s): trying {other}")
-                self.threads, self.last_switch = other, step
-                self.switches += 1
-                torch.set_num_threads(other)
-                return
-        fit = step + max(1, int(left / per_step))
-        if fit < self.plan:
-            self.plan, self.capped = fit, True
-            self.log(f"  {self.tag}: wall-clock cap: schedule shortened to {fit} steps ({per_step:.2f} s/step)")
-
-    def close(self) -> dict:
-        torch.set_num_threads(self.threads0)
-        return {"capped": self.capped, "thread_switches": self.switches}
-
-
-def sft(model, rows, cfg: EmbeddedConfig, steps: int, lr: float, pad_id: int, budget: float = float("inf"),
-        log=print, seed: int | None = None, tag: str = "sft") -> dict:
+def sft(model, rows, cfg: EmbeddedConfig, steps: int, lr: float, pad_id: int, log=print, seed: int | None = None,
+        tag: str = "sft", progress: bool = True) -> dict:
     """Supervised next-token training for a fixed number of steps (bf16 autocast on CPU, fused AdamW,
     linear warm-up then cosine decay to lr * min_lr_ratio). Batches walk through seeded shuffles of the
-    rows (grouped by length, see length_buckets), so a build is reproducible. `budget` (seconds) is a
-    safety cap, see `_Pacer`."""
+    rows (grouped by length, see length_buckets), so a build is reproducible. `progress`: a progress bar."""
+    from tqdm.auto import tqdm
+
     rng = random.Random(cfg.seed if seed is None else seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), fused=True)
     model.train()
-    pacer = _Pacer(budget, steps, log, tag)
-    t0, losses, order, pos, step, pending = time.time(), [], [], 0, 0, []
+    t0, losses, order, pos, pending = time.time(), [], [], 0, []
     attn = model.config._attn_implementation
     model.set_attn_implementation("eager")  # no mask needed, and faster than sdpa for these sizes on CPU
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # silence "passing an attention_mask is recommended": right padding needs none
+    bar = tqdm(total=steps, desc=tag, disable=not progress, dynamic_ncols=True, leave=False)
     try:
-        while step < pacer.plan:
-            pacer.check(step)
+        for step in range(steps):
             warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-            frac = step / max(1, pacer.plan - 1)
+            frac = step / max(1, steps - 1)
             cos = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
             for g in opt.param_groups:
                 g["lr"] = lr * warm * cos
@@ -364,17 +311,16 @@ def sft(model, rows, cfg: EmbeddedConfig, steps: int, lr: float, pad_id: int, bu
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             losses.append(loss.item())
-            step += 1
-            if step % 100 == 0:
-                log(f"  {tag} step {step}/{pacer.plan} loss {sum(losses[-100:]) / len(losses[-100:]):.3f} "
-                    f"({time.time() - t0:.0f}s)")
+            bar.update(1)
+            if (step + 1) % 10 == 0:
+                bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     finally:
-        paced = pacer.close()
+        bar.close()
         model.set_attn_implementation(attn)
         hf_logging.set_verbosity(verbosity)
     model.eval()
     tail = losses[-50:]
-    return {"steps": step, "planned_steps": steps, **paced, "seconds": round(time.time() - t0, 1),
+    return {"steps": len(losses), "seconds": round(time.time() - t0, 1),
             "loss": sum(tail) / len(tail) if tail else float("nan")}
 
 
@@ -392,40 +338,75 @@ def eval_loss(model, rows, cfg: EmbeddedConfig, pad_id: int) -> float:
     return total / max(weight, 1e-8)
 
 
+def data_fingerprint(task: Task, data_dir: str | None) -> str:
+    """What the embedded models are built from: the bytes of the local train and validation files (so a copy of
+    the same data in another folder finds the same models, and an edited file builds new ones), or the Hub's
+    dataset id."""
+    from common.tasks import local_files
+
+    if not data_dir:
+        return task.hub_id
+    h = hashlib.sha256()
+    for path in local_files(task, data_dir):
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def _key(task: Task, cfg: EmbeddedConfig, data_dir: str | None) -> str:
     blob = json.dumps({"task": task.name, "cfg": asdict(cfg), "v": BUILDER_VERSION,
-                       "data": str(Path(data_dir).resolve()) if data_dir else task.hub_id}, sort_keys=True)
+                       "data": data_fingerprint(task, data_dir)}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
+def _remove_stale_builds(parent: Path, task: str) -> None:
+    """Temporary folders of builds whose process is gone (killed with SIGKILL, say): removed."""
+    for p in parent.glob(f".{task}-*.building"):
+        m = re.search(r"-pid(\d+)\.", p.name)
+        try:
+            os.kill(int(m.group(1)), 0) if m else None
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 def embedded_models(task: Task, data_dir: str | None, cfg: EmbeddedConfig | None = None,
-                    log=print) -> EmbeddedModels:
-    """The task's embedded learner and guide, built once and cached (atomic rename: an interrupted
-    build leaves nothing half-written behind)."""
+                    log=print, rebuild: bool = False, progress: bool = True) -> EmbeddedModels:
+    """The task's embedded learner and guide, built once and cached (`rebuild`: built again). The build goes into
+    a temporary folder renamed into place at the end: a build interrupted or killed at any point leaves nothing
+    half-written where the models are looked up (a killed build's temporary folder is removed by the next build)."""
     cfg = cfg or EMBEDDED[task.name]
-    root = cache_root() / f"{task.name}-{_key(task, cfg, data_dir)}"
+    key = _key(task, cfg, data_dir)
+    root = cache_root() / f"{task.name}-{key}"
     policy_dir, guide_dir = root / "policy", root / ("guide" if task.name == "imdb" else "policy")
-    if (root / "DONE").exists():
+    if (root / "DONE").exists() and not rebuild:
         return EmbeddedModels(str(policy_dir), str(guide_dir), cfg)
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
     log(f"building the embedded {task.name} models in {root} (once; later runs load them in seconds)")
-    t_build, clock = time.time(), _Clock(cfg.max_seconds)
+    t_build = time.time()
     threads = torch.get_num_threads()
-    train = task.load("train", data_dir)
-    val = task.load("validation", data_dir)
-    pairs = _sft_texts(task, train)
-    order = list(range(len(pairs)))
-    random.Random(cfg.seed).shuffle(order)
-    order = order[: cfg.max_train_texts]
-    pairs = [pairs[i] for i in order]
-    val_pairs = _sft_texts(task, val)
-    random.Random(cfg.seed + 1).shuffle(val_pairs)
-    val_pairs = val_pairs[: cfg.val_texts]
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{task.name}-", dir=root.parent))
+    _remove_stale_builds(root.parent, task.name)
+    tmp = root.parent / f".{task.name}-{key}-pid{os.getpid()}.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    torch.set_num_threads(cfg.threads)
     try:
+        train = task.load("train", data_dir)
+        val = task.load("validation", data_dir)
+        pairs = _sft_texts(task, train)
+        order = list(range(len(pairs)))
+        random.Random(cfg.seed).shuffle(order)
+        order = order[: cfg.max_train_texts]
+        pairs = [pairs[i] for i in order]
+        val_pairs = _sft_texts(task, val)
+        random.Random(cfg.seed + 1).shuffle(val_pairs)
+        val_pairs = val_pairs[: cfg.val_texts]
         t0 = time.time()
         tok = _train_tokenizer([p + r for p, r in pairs], cfg, tmp / "policy")
         t_tok = time.time() - t0
@@ -442,17 +423,14 @@ def embedded_models(task: Task, data_dir: str | None, cfg: EmbeddedConfig | None
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the caller's RNG state alone
             torch.manual_seed(cfg.seed)
             model = GPT2LMHeadModel(mcfg)
-        # base and guide SFT share what the cap leaves, in proportion to their steps
-        share = cfg.sft_steps / max(1, cfg.sft_steps + (cfg.guide_steps if task.name == "imdb" else 0))
-        res = sft(model, rows, cfg, cfg.sft_steps, cfg.lr, tok.pad_token_id, clock.left() * share, log,
-                  tag="policy sft")
+        res = sft(model, rows, cfg, cfg.sft_steps, cfg.lr, tok.pad_token_id, log, tag="policy sft", progress=progress)
         val_loss = eval_loss(model, val_rows, cfg, tok.pad_token_id)
         log(f"  policy SFT: {res['steps']} steps, train loss {res['loss']:.3f}, validation loss {val_loss:.3f}, "
             f"{res['seconds']:.0f}s")
         model.save_pretrained(tmp / "policy")
         info = {"params": sum(p.numel() for p in model.parameters()), "vocab": len(tok),
                 "tokenizer_seconds": round(t_tok, 1), "encode_seconds": round(t_enc, 1),
-                "train_texts": len(rows), "torch_threads": threads,
+                "train_texts": len(rows), "torch_threads": cfg.threads, "data": data_fingerprint(task, data_dir),
                 "policy_sft": {**res, "val_loss": val_loss}}
         if task.name == "imdb":
             # the guide: the same LM fine-tuned further on positive reviews only
@@ -461,8 +439,8 @@ def embedded_models(task: Task, data_dir: str | None, cfg: EmbeddedConfig | None
             val_pos_pairs = [(e.prompt, e.references[0]) for e in val if e.meta["label"] == 1][: cfg.val_texts]
             val_pos = [(p, r, None) for p, r in _encode_pairs(task, tok, val_pos_pairs, cfg)]
             before = eval_loss(model, val_pos, cfg, tok.pad_token_id)
-            gres = sft(model, pos_rows, cfg, cfg.guide_steps, cfg.guide_lr, tok.pad_token_id, clock.left(), log,
-                       seed=cfg.seed + 1, tag="guide sft")
+            gres = sft(model, pos_rows, cfg, cfg.guide_steps, cfg.guide_lr, tok.pad_token_id, log,
+                       seed=cfg.seed + 1, tag="guide sft", progress=progress)
             after = eval_loss(model, val_pos, cfg, tok.pad_token_id)
             log(f"  guide SFT on positive reviews: {gres['steps']} steps, loss {gres['loss']:.3f}, validation "
                 f"loss on positive reviews {before:.3f} -> {after:.3f}")
@@ -472,16 +450,19 @@ def embedded_models(task: Task, data_dir: str | None, cfg: EmbeddedConfig | None
         info["build_seconds"] = round(time.time() - t_build, 1)
         (tmp / "info.json").write_text(json.dumps({"config": asdict(cfg), **info}, indent=1))
         (tmp / "DONE").write_text("ok\n")
-        if not (root / "DONE").exists():  # else another process finished the same build first: keep its
+        if rebuild or not (root / "DONE").exists():  # else another process finished the same build first: keep its
+            old = root.parent / f".{task.name}-{key}-pid{os.getpid()}.old.building"
             if root.exists():
-                shutil.rmtree(root)  # an unfinished folder (not written by this builder)
+                os.replace(root, old)  # an earlier build (rebuild) or an unfinished folder
             try:
                 os.replace(tmp, root)
             except OSError:
                 if not (root / "DONE").exists():
                     raise
+            shutil.rmtree(old, ignore_errors=True)
         log(f"  embedded {task.name} models built in {info['build_seconds']:.0f}s")
     finally:
+        torch.set_num_threads(threads)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return EmbeddedModels(str(policy_dir), str(guide_dir), cfg)

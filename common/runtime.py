@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -18,11 +20,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.errors import UsageError
+from common.errors import RunFailed, UsageError, exit_code
 from common.generation import (ValueModel, decode, forward_response, left_pad, position_limit, right_pad, sample,
                                set_bf16)
 from common.models import EMBEDDED, _no_dropout, embedded_models, load_causal_lm, load_tokenizer
-from common.tasks import Task, encode_prompt
+from common.tasks import TASKS, Task, encode_prompt
 
 
 def quiet_libraries():
@@ -68,6 +70,11 @@ def return_freed_memory(threshold: int = 32 * 1024 * 1024):
 
 
 _RUN = {"fsdp": False, "device": torch.device("cpu")}
+
+
+def world_size() -> int:
+    """Number of processes (torchrun's WORLD_SIZE), known before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def setup_device(device: str = "auto", bf16: bool = False, fsdp: bool = False):
@@ -138,9 +145,22 @@ def full_optimizer_state(optimizer, rank: int) -> dict:
 def seed_everything(seed: int):
     """SPEC 4.8: same seed, same numbers on the CPU."""
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def derive_seed(seed: int, purpose: str, rank: int | None = None) -> int:
+    """The seed of one random stream, from the run's seed, the stream's purpose and the process's rank (None:
+    a stream every process shares, such as the prompt order or LOLS's per-iteration coin). A hash, so no two
+    streams of a run start alike (seed + rank would give rank 1's stream the seed of another stream's + 1)."""
+    key = f"rlgf:{seed}:{purpose}:{'shared' if rank is None else rank}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+
+
+def rng_stream(seed: int, purpose: str, rank: int | None = None) -> random.Random:
+    """A Python random stream seeded with `derive_seed(seed, purpose, rank)`."""
+    return random.Random(derive_seed(seed, purpose, rank))
 
 
 def all_reduce_mean(x: torch.Tensor, world: int) -> torch.Tensor:
@@ -165,14 +185,15 @@ def check_batch_sizes(rollouts: int, minibatch: int, micro: int, world: int):
 # models
 # ---------------------------------------------------------------------------------------------------
 def resolve_models(task: Task, policy_model: str | None, guide_model: str | None, data_dir: str | None,
-                   rank: int, world: int, log=print, need_guide: bool = False):
+                   rank: int, world: int, log=print, need_guide: bool = False, rebuild: bool = False):
     """Hub id / folder for the policy (and the guide, when asked); the task's embedded defaults (built
-    once by rank 0, cached) for whatever is not given. A given policy without a guide is its own guide."""
+    once by rank 0, cached; `rebuild`: built again) for whatever is not given. A given policy without a
+    guide is its own guide."""
     guide_model = guide_model or (policy_model if need_guide else None)
     if policy_model and (guide_model or not need_guide):
         return policy_model, guide_model
     if rank == 0:
-        embedded_models(task, data_dir, log=log)
+        embedded_models(task, data_dir, log=log, rebuild=rebuild)
     if world > 1:
         dist.barrier()
     em = embedded_models(task, data_dir, log=log)
@@ -312,10 +333,11 @@ def encode_prompts(task: Task, tok, examples, prompt_tokens: int) -> list[list[i
 # evaluation
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(policy, ref, tok, task: Task, examples, reward_fn, args, device, batch_size: int = 32, seed: int = 1234):
+def evaluate(policy, ref, tok, task: Task, examples, reward_fn, args, device, batch_size: int = 32, seed: int = 1234,
+             step: int = 0):
     """Validation: sample with the learner's settings (fixed seed, so evaluations compare), then reward,
     KL to the reference (sum over tokens, k1), output perplexity under the reference model, and the task's
-    metrics. Returns (metrics, rows of (prompt, response, reward))."""
+    metrics (`args.slow_metrics`: also METEOR and SPICE). Returns (metrics, rows of (prompt, response, reward))."""
     from common.metrics import compute_metrics, perplexity
 
     rng_state = torch.random.get_rng_state()
@@ -338,11 +360,12 @@ def evaluate(policy, ref, tok, task: Task, examples, reward_fn, args, device, ba
         responses += decode(tok, s.tokens)
     torch.random.set_rng_state(rng_state)
     refs = [e.references for e in examples]
-    scores = reward_fn(prompts, responses, refs)
+    scores = scored(reward_fn, prompts, responses, refs, f"evaluation at iteration {step}")
     metrics = {"reward": float(np.mean(scores)), "kl": float(np.mean(kls)),
                "output_perplexity": math.exp(ppl_nll / max(1, n_tok)),
                "response_length": n_tok / max(1, len(examples))}
-    metrics.update(compute_metrics(task.name, prompts, responses, refs, [e.meta for e in examples]))
+    metrics.update(compute_metrics(task.name, prompts, responses, refs, [e.meta for e in examples],
+                                   slow_metrics=getattr(args, "slow_metrics", False)))
     if task.name == "imdb":
         metrics["reference_perplexity"] = perplexity(policy, tok, prompts, [r[0] for r in refs], device)
     rows = list(zip(prompts, responses, scores))
@@ -368,7 +391,7 @@ def _md_escape(s: str, n: int = 400) -> str:
 class RunLogger:
     """TensorBoard scalars and sample tables, plus metrics.jsonl, under the run folder (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, args, enabled: bool = True, resume_from: int | None = None):
+    def __init__(self, run_dir: Path, args, enabled: bool = True, resume_from: int | None = None, algo: str = ""):
         """`resume_from`: the first iteration of a resumed run; whatever an earlier run logged from there on
         (iterations redone after the last checkpoint) is dropped, in TensorBoard and in metrics.jsonl."""
         self.enabled, self.run_dir = enabled, run_dir
@@ -382,7 +405,7 @@ class RunLogger:
         if resume_from is not None and jsonl.exists():
             keep = [l for l in jsonl.read_text().splitlines() if l.strip() and json.loads(l)["step"] < resume_from]
             jsonl.write_text("".join(l + "\n" for l in keep))
-        cfg = {k: v for k, v in asdict(args).items()}
+        cfg = {"script": algo, **asdict(args)}  # the script, so that --resume refuses another script's folder
         (run_dir / "args.json").write_text(json.dumps(cfg, indent=1, default=str))
         self.writer.add_text("args", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in cfg.items()))
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
@@ -420,38 +443,171 @@ def report(before: dict, after: dict, run_dir: Path, file=sys.stdout):
 
 
 # ---------------------------------------------------------------------------------------------------
-# checkpoints: a crash or Ctrl-C never loses finished iterations
+# settings: checked before any slow work; --resume restores a run's own
+# ---------------------------------------------------------------------------------------------------
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_AT_LEAST_1 = ("iterations", "rollouts_per_iteration", "minibatch_size", "micro_batch_size", "n_epochs",
+               "eval_interval", "eval_samples", "save_interval", "prompt_tokens", "max_new_tokens", "kl_horizon")
+_AT_LEAST_0 = ("seed", "min_new_tokens", "sample_rows", "guide_top_k", "tau")
+_ABOVE_0 = ("temperature", "guide_temperature", "adam_eps", "max_grad_norm", "clip_range", "clip_range_vf", "kl_target")
+_NOT_NEGATIVE = ("lr", "weight_decay", "vf_coef", "kl_coef", "nll_coef")
+_FROM_0_TO_1 = ("gamma", "lam", "beta", "p_ppo_pp", "guide_top_p")
+
+
+def check_settings(args, world: int) -> None:
+    """Every setting the scripts share, checked at once (no model, data or run folder touched yet): counts of at
+    least 1, non-negative seeds and coefficients, probabilities in [0, 1], the device, the guide for the task,
+    model paths and the batch hierarchy. A script's own settings are checked by its check_args."""
+    from common.guides import RULE_GUIDES
+    from common.models import check_model_path
+
+    def value(name):
+        return getattr(args, name, None)
+
+    for name in _AT_LEAST_1 + _AT_LEAST_0 + _ABOVE_0 + _NOT_NEGATIVE + _FROM_0_TO_1:
+        v = value(name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UsageError(f"{_flag(name)} must be a finite number, not {v}")
+    for names, ok, what in ((_AT_LEAST_1, lambda v: v >= 1, "at least 1"), (_AT_LEAST_0, lambda v: v >= 0, "0 or more"),
+                            (_ABOVE_0, lambda v: v > 0, "above 0"), (_NOT_NEGATIVE, lambda v: v >= 0, "0 or more"),
+                            (_FROM_0_TO_1, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        for name in names:
+            v = value(name)
+            if v is not None and not ok(v):
+                raise UsageError(f"{_flag(name)} must be {what}, not {v}")
+    if args.min_new_tokens > args.max_new_tokens:
+        raise UsageError(f"--min-new-tokens {args.min_new_tokens} exceeds --max-new-tokens {args.max_new_tokens}")
+    device = args.device
+    if device != "auto" and device != "cpu" and device.split(":")[0] != "cuda":
+        raise UsageError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this torch sees no CUDA device; use --device cpu (or auto)")
+    guide = value("guide")
+    if guide is not None:
+        if guide not in ("model", "rule"):
+            raise UsageError(f"--guide must be model or rule, not {guide!r}")
+        if guide == "rule" and args.task not in RULE_GUIDES:
+            raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {args.task}: use --guide model")
+        if guide == "rule" and value("guide_model"):
+            raise UsageError("--guide-model is not used with --guide rule: drop one of them")
+    if args.task == "commongen" and args.reward_model:
+        raise UsageError("--reward-model is not used by commongen (its reward is CIDEr-D + SPICE)")
+    for name in ("policy_model", "guide_model", "reward_model"):
+        if value(name):
+            check_model_path(value(name), _flag(name))
+    check_batch_sizes(args.rollouts_per_iteration, args.minibatch_size, args.micro_batch_size, world)
+
+
+RESUME_MAY_CHANGE = ("iterations", "eval_interval", "save_interval", "sample_rows", "device", "micro_batch_size",
+                     "gradient_checkpointing", "data_dir", "slow_metrics", "keep_checkpoint", "rebuild_models")
+"""settings a resumed run may change (one printed line says which); any other that differs is refused"""
+_RESUME_IGNORED = ("resume", "output_dir", "run_name")  # where the run is: --resume names the folder
+_CLI_GIVEN: set | None = None  # the fields named on the command line (set by `cli`)
+
+
+def resume_settings(args, algo: str):
+    """With --resume: the run's own settings from its args.json. A flag given again that differs from the run's
+    value is taken where it is in RESUME_MAY_CHANGE (said in one line) and refused otherwise; a flag not given
+    takes the run's value. A flag counts as given when it differs from the field's default or was named on the
+    command line. A folder written by another script is refused."""
+    if not args.resume:
+        return args
+    run_dir = Path(args.resume)
+    saved = run_dir / "args.json"
+    if not saved.is_file():
+        raise UsageError(f"--resume {run_dir}: no args.json there; --resume takes the folder of a run this project wrote")
+    try:
+        old = json.loads(saved.read_text())
+        assert isinstance(old, dict)
+    except (ValueError, AssertionError, UnicodeDecodeError):
+        raise UsageError(f"--resume {run_dir}: its args.json is damaged (not a JSON object)") from None
+    if old.get("script") != algo:
+        made_by = f"{old['script']}.py" if old.get("script") else "another program"
+        raise UsageError(f"--resume {run_dir}: that run was made by {made_by}, not {algo}.py: resume it with "
+                         f"the script that made it")
+    updates, changed = {}, []
+    for f in dataclasses.fields(args):
+        k = f.name
+        if k in _RESUME_IGNORED or k not in old:
+            continue
+        new, was = getattr(args, k), old[k]
+        given = new != f.default or (_CLI_GIVEN is not None and k in _CLI_GIVEN)
+        if not given or new == was:
+            updates[k] = was
+        elif k in RESUME_MAY_CHANGE:
+            updates[k] = new
+            changed.append(f"{_flag(k)} {new} (was {was})")
+        else:
+            raise UsageError(f"--resume {run_dir}: {_flag(k)} was {was!r} in that run, not {new!r}; a resumed run "
+                             f"keeps its settings (may change: {', '.join(_flag(c) for c in RESUME_MAY_CHANGE)})")
+    if changed and int(os.environ.get("RANK", "0")) == 0:
+        print(f"resuming {run_dir} with its own settings, except " + ", ".join(changed))
+    return dataclasses.replace(args, **updates)
+
+
+def run_dir_of(args, algo: str, task: str, rank: int = 0) -> Path:
+    """The run folder: --resume's, or a new one under --output-dir. A new run never writes into a folder that
+    holds another run (its metrics.jsonl would mix two runs)."""
+    if args.resume:
+        return Path(args.resume)
+    run_dir = run_dir_for(args.output_dir, algo, task, args.seed, args.run_name)
+    if rank == 0 and any((run_dir / n).exists() for n in ("args.json", "metrics.jsonl", "checkpoint.pt")):
+        raise UsageError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir}, or "
+                         "choose another --run-name")
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------------
+# checkpoints: a crash, Ctrl-C or SIGTERM never loses finished iterations
 # ---------------------------------------------------------------------------------------------------
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def save_checkpoint(path: Path, state: dict):
-    """Written by rank 0 alone (any process may call it)."""
+    """Written by rank 0 alone (any process may call it): to a temporary file, flushed to disk, then renamed
+    over the old one, so a kill at any moment leaves the previous checkpoint or the new one, never a part of
+    either."""
     if _rank() != 0:
         return
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
-RESUME_MUST_MATCH = ("task", "seed", "policy_model", "guide", "guide_model", "reward_model", "beta", "tau", "p_ppo_pp")
-
-
-def load_checkpoint(run_dir: Path, args) -> dict:
-    """The last checkpoint of `run_dir`, after checking that the run is being continued with the same task,
-    seed and models (other settings, e.g. --iterations, may change)."""
+def load_checkpoint(run_dir: Path, algo: str) -> dict:
+    """The last checkpoint of `run_dir`, loaded with `weights_only=True`: tensors and plain Python values only,
+    so a file that would run code when unpickled is refused, as is a damaged one (one line each)."""
     path = run_dir / "checkpoint.pt"
     if not path.is_file():
-        raise UsageError(f"no checkpoint at {path}: --resume takes a run folder written by an earlier run")
-    if (run_dir / "args.json").is_file():
-        old = json.loads((run_dir / "args.json").read_text())
-        new = json.loads(json.dumps(asdict(args), default=str))
-        for k in RESUME_MUST_MATCH:
-            if k in old and k in new and old[k] != new[k]:
-                raise UsageError(f"--resume {run_dir}: --{k.replace('_', '-')} was {old[k]!r} in that run, not "
-                                 f"{new[k]!r}; pass the run's own arguments (see {run_dir / 'args.json'})")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise UsageError(f"--resume {run_dir}: no checkpoint.pt there (a finished run deletes it unless run with "
+                         "--keep-checkpoint; a run stopped before its first checkpoint has none)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"--resume {run_dir}: checkpoint.pt cannot be loaded safely ({type(e).__name__}): it is "
+                         "damaged or was not written by this project") from None
+    if not isinstance(ck, dict) or ck.get("script") != algo or "iteration" not in ck:
+        made_by = ck.get("script") if isinstance(ck, dict) else None
+        raise UsageError(f"--resume {run_dir}: checkpoint.pt was " + (f"written by {made_by}.py, not {algo}.py"
+                         if made_by else "not written by this project"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"resumed from iteration {ck['iteration']}")
+    return ck
 
 
 def per_rank(state):
@@ -473,15 +629,88 @@ def own_rank(saved):
 
 
 def rng_state():
-    """The random states of Python, numpy and torch, per process (`per_rank`: every process calls it)."""
-    return per_rank({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()})
+    """The global generators' states, per process (`per_rank`: every process calls it), in the plain forms
+    `torch.load(weights_only=True)` accepts."""
+    py = random.getstate()
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return per_rank({"python": [py[0], list(py[1]), py[2]], "torch": torch.random.get_rng_state(),
+                     "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                               "gauss": float(gauss)}})
 
 
 def set_rng_state(s):
     s = own_rank(s)
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    py = s["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = s["numpy"]
+    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.random.set_rng_state(s["torch"])
+
+
+def interrupted(e: KeyboardInterrupt, run_dir: Path, rank: int, algo: str, save_policy, resumed: bool):
+    """Ctrl-C or SIGTERM: keep the policy as it is and say how to continue from the last checkpoint; before any
+    checkpoint, remove what this run wrote (so the same command can run again). Exits with 130 or 143."""
+    if rank == 0:
+        if (run_dir / "checkpoint.pt").is_file():
+            saved = save_policy()
+            where = f"policy saved to {run_dir / 'policy'}; " if saved is not False else ""
+            print(f"\ninterrupted: {where}continue from the last checkpoint with python {algo}.py --resume {run_dir}",
+                  file=sys.stderr)
+        else:
+            if not resumed:
+                for p in [run_dir / "args.json", run_dir / "metrics.jsonl", *run_dir.glob("events.out.tfevents.*")]:
+                    p.unlink(missing_ok=True)
+                try:
+                    run_dir.rmdir()
+                except OSError:
+                    pass
+            print("\ninterrupted before the first checkpoint: nothing to resume, run the command again",
+                  file=sys.stderr)
+    raise SystemExit(exit_code(e))
+
+
+def finish(run_dir: Path, keep_checkpoint: bool) -> None:
+    """A finished run deletes its checkpoint (the policy and critic are saved beside it) unless asked to keep it."""
+    path = run_dir / "checkpoint.pt"
+    if not path.is_file():
+        return
+    if keep_checkpoint:
+        print(f"checkpoint kept: {path} (--resume {run_dir} --iterations N continues the run)")
+    else:
+        size = path.stat().st_size
+        path.unlink()
+        print(f"checkpoint.pt deleted ({size / 2**20:.0f} MiB): the run is finished (--keep-checkpoint keeps it)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# a run that cannot go on: one line naming the iteration
+# ---------------------------------------------------------------------------------------------------
+def scored(reward_fn, prompts, responses, references, where: str) -> list[float]:
+    """`reward_fn`'s scores, which must be one finite number per response; a reward that raises or returns NaN
+    stops the run with one line (RunFailed) naming `where`, e.g. the iteration."""
+    try:
+        scores = [float(x) for x in reward_fn(prompts, responses, references)]
+    except (KeyboardInterrupt, UsageError, RunFailed):
+        raise
+    except Exception as e:
+        msg = (str(e).strip().splitlines() or [""])[0][:160]
+        raise RunFailed(f"{where}: the reward raised {type(e).__name__}: {msg}; the last checkpoint is kept") from None
+    if len(scores) != len(responses):
+        raise RunFailed(f"{where}: the reward returned {len(scores)} scores for {len(responses)} responses")
+    bad = sum(not math.isfinite(x) for x in scores)
+    if bad:
+        raise RunFailed(f"{where}: the reward returned {bad} non-finite score(s) (NaN or inf) for {len(scores)} "
+                        "responses; the last checkpoint is kept")
+    return scores
+
+
+def check_finite(stats: dict, where: str) -> None:
+    """Stop with one line when a loss or statistic of the update is NaN or infinite (the weights are no good from
+    here on; nothing of this iteration is saved)."""
+    bad = [k for k, v in stats.items() if not math.isfinite(v)]
+    if bad:
+        raise RunFailed(f"{where}: {', '.join(bad)} is not finite (NaN or inf): the run stops; the last checkpoint "
+                        "is kept (a lower --lr may help)")
 
 
 def save_final(policy, critic, tok, run_dir: Path):
@@ -514,15 +743,15 @@ def save_pretrained_unsharded(model, state: dict, path: Path) -> None:
     config.save_pretrained(path)
 
 
-def save_interrupted(policy, critic, tok, run_dir: Path) -> str:
-    """On Ctrl-C, rank 0: save the policy where the processes can do so alone (not under FSDP, whose gather
-    needs every process while each stopped somewhere else); the message to print."""
+def save_interrupted(policy, critic, tok, run_dir: Path) -> bool:
+    """On Ctrl-C or SIGTERM, rank 0: save the policy where the processes can do so alone (not under FSDP, whose
+    gather needs every process while each stopped somewhere else). True where it was saved."""
     from common.fsdp import is_sharded
 
     if is_sharded(policy):
-        return f"\ninterrupted: continue from the last checkpoint with --resume {run_dir}"
+        return False
     save_final(policy, critic, tok, run_dir)
-    return f"\ninterrupted: policy saved to {run_dir / 'policy'}; continue with --resume {run_dir}"
+    return True
 
 
 def run_dir_for(output_dir: str, algo: str, task: str, seed: int, run_name: str | None) -> Path:
@@ -579,3 +808,79 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
 def mixed_rows(prompts, guide_parts, learner_parts, scores):
     """Sample-table rows that mark where the guide's text ends and the learner's begins."""
     return list(zip(prompts, guide_parts, learner_parts, scores))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the command line
+# ---------------------------------------------------------------------------------------------------
+def _field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass (the scripts document every field that way)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    out = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            out[node.target.id] = " ".join(nxt.value.value.split())
+    return out
+
+
+def preset_hint(name: str, aliases: dict | None = None) -> str | None:
+    """What a field left at None becomes, for --help: the task presets' values, or how it is derived."""
+    from common.presets import EMBEDDED as EMB, PAPER
+
+    derived = {"min_new_tokens": "min", "max_new_tokens": "max"}
+    if name in derived:
+        vals = ", ".join(f"{t} {getattr(task, name)}" for t, task in TASKS.items())
+        return f"(default: the task's: {vals})"
+    if name == "save_interval":
+        return "(default: --eval-interval)"
+    if name == "micro_batch_size":
+        return "(default: the whole per-process minibatch)"
+    key = (aliases or {}).get(name, name)
+    if key not in EMB["imdb"]:
+        return None
+    emb, pap = [EMB[t][key] for t in TASKS], [PAPER[t][key] for t in TASKS]
+    if len(set(emb + pap)) == 1:
+        return f"(default: {emb[0]}, every task's preset)"
+
+    def row(vals):
+        return ", ".join(f"{t} {v}" for t, v in zip(TASKS, vals))
+
+    return f"(default: the task preset; embedded models: {row(emb)}; paper: {row(pap)})"
+
+
+def cli(cls, doc: str, aliases: dict | None = None):
+    """Parse the command line into `cls` (a script's Args) with tyro. --help shows the script's first paragraph
+    and, for every field a task preset fills, the presets' values instead of "(default: None)"; `aliases` maps
+    a field to the preset key it reads (as in `fill_presets`). The fields named on the command line are noted
+    for --resume (see `resume_settings`)."""
+    import typing
+
+    import tyro
+
+    global _CLI_GIVEN
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        hint = preset_hint(f.name, aliases) if f.default is None else None
+        marker = tyro.conf.arg(help=docs.get(f.name), help_behavior_hint=hint) if hint else \
+            tyro.conf.arg(help=docs.get(f.name))
+        fields.append((f.name, typing.Annotated[hints[f.name], marker], dataclasses.field(default=f.default)))
+    shown = dataclasses.make_dataclass(cls.__name__, fields)
+    paragraph = doc.strip().split("\n\n")[0]
+    description = (" ".join(paragraph.split()) + "\n\nSettings marked 'the task preset' take the task's value from "
+                   "common/presets.py: the embedded preset with the default embedded models, the paper's with "
+                   "--policy-model; a value given here wins. --resume RUN_DIR continues a run with its own settings.")
+    parsed = tyro.cli(shown, description=description)
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = set()
+    for token in sys.argv[1:]:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            given.add(name[3:] if name.startswith("no_") and name[3:] in names else name)
+    _CLI_GIVEN = given & names
+    return cls(**{n: getattr(parsed, n) for n in names})

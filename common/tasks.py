@@ -126,13 +126,49 @@ def hub_offline_if_unreachable(host: str = "huggingface.co") -> None:
 # ---------------------------------------------------------------------------------------------------
 # raw rows: hub or local JSONL, same schema
 # ---------------------------------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> Iterator[dict]:
+def _read_jsonl(path: Path, need: tuple = ()) -> Iterator[dict]:
     """The rows one at a time, so a split's raw rows are never all held at once: loading CommonGen's train and
-    validation splits grew the process by 56-58 MiB with the rows in a list, by 38 MiB one at a time."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
+    validation splits grew the process by 56-58 MiB with the rows in a list, by 38 MiB one at a time. A line that
+    is not a JSON object, or a row without one of the fields in `need`, is one error line naming the file and the
+    line's number."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+                row = json.loads(line) if line.strip() else None
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                what = "not UTF-8" if isinstance(e, UnicodeDecodeError) else f"not valid JSON ({e.msg})"
+                raise UsageError(f"{path}, line {number}: {what}; fix or remove that line") from None
+            if row is None:
+                continue
+            if not isinstance(row, dict):
+                raise UsageError(f"{path}, line {number}: a JSON {type(row).__name__}, not an object (one row per line)")
+            missing = [k for k in need if k not in row]
+            if missing:
+                raise UsageError(f"{path}, line {number}: the row has no field {missing[0]!r} (a row needs "
+                                 f"{', '.join(need)})")
+            yield row
+
+
+ROW_FIELDS = {"imdb": ("text", "label"), "commongen": ("concept_set_idx", "concepts", "target"),
+              "tldr": ("prompt", "label")}
+"""the fields each task's rows must have (the hub's schemas)"""
+
+
+def _checked(rows: Iterable[dict], task: Task, source: str) -> Iterator[dict]:
+    """The rows, each checked for the task's fields: a missing one is one error line naming the source."""
+    need = ROW_FIELDS[task.name]
+    for number, row in enumerate(rows, 1):
+        missing = [k for k in need if k not in row]
+        if missing:
+            raise UsageError(f"{source}: row {number} has no field {missing[0]!r} (a {task.name} row needs "
+                             f"{', '.join(need)})")
+        yield row
+
+
+def local_files(task: Task, data_dir: str, splits=("train", "validation")) -> list[Path]:
+    """The local JSONL files the given splits are read from (IMDB's train and validation share one)."""
+    return sorted({Path(data_dir) / task.local_dir / task.split_files[s][1] for s in splits})
 
 
 def _raw_rows(task: Task, split: str, data_dir: str | None) -> Iterable[dict]:
@@ -142,7 +178,7 @@ def _raw_rows(task: Task, split: str, data_dir: str | None) -> Iterable[dict]:
         if not path.is_file():
             raise UsageError(f"missing data file {path}: the data folder must hold "
                              f"{task.local_dir}/{filename} (laid out like ../shared/data)")
-        return _read_jsonl(path)
+        return _read_jsonl(path, ROW_FIELDS[task.name])
     hub_offline_if_unreachable()
     try:
         import datasets
@@ -152,7 +188,7 @@ def _raw_rows(task: Task, split: str, data_dir: str | None) -> Iterable[dict]:
         raise UsageError(f"cannot load {task.hub_id!r} from the Hugging Face Hub ({type(e).__name__}); "
                          f"offline, set {DATA_DIR_ENV} or --data-dir to a folder laid out like "
                          "../shared/data") from None
-    return (dict(r) for r in ds)
+    return _checked((dict(r) for r in ds), task, f"{task.hub_id} ({hub_split})")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,13 +9,15 @@ emits one given token.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the data folder: RLGF_DATA_DIR as for the scripts, else ../shared/data beside the repository
+DATA = Path(os.environ.get("RLGF_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 TASK_DIRS = {"imdb": "imdb", "commongen": "common_gen", "tldr": "openai_summarize_tldr"}
 
 if str(REPO) not in sys.path:

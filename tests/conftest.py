@@ -16,7 +16,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the data folder: RLGF_DATA_DIR as for the scripts, else ../shared/data beside the repository
+DATA = Path(os.environ.get("RLGF_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 HAS_DATA = all((DATA / d).is_dir() for d in ("imdb", "common_gen", "openai_summarize_tldr"))
 needs_data = pytest.mark.skipif(not HAS_DATA, reason=f"local data folder {DATA} is absent")
 

@@ -405,7 +405,7 @@ def test_ppo_plus_plus_beta0_equals_ppo(models, tmp_path):
 GUIDED_SETTINGS = {
     "ppo_plus_plus": dict(beta=0.5, iterations=2),
     "aggrevated": dict(beta=0.5, iterations=2),
-    "lols": dict(beta=0.5, p_ppo_pp=0.5, iterations=4),  # seed 1: AggreVaTeD, AggreVaTeD, PPO++, PPO++
+    "lols": dict(beta=0.5, p_ppo_pp=0.5, iterations=4, seed=2),  # seed 2: AggreVaTeD, PPO++, PPO++, PPO++
     "d2lols": dict(beta=0.5, tau=2, iterations=4),
 }
 KL_COEF = 0.1
@@ -670,8 +670,9 @@ def test_d2lols_switches_phase_and_critic_at_tau(guided):
 def test_resume_restores_coins_phase_and_both_critics(models, tmp_path, algo):
     """2 iterations + --resume to 4 == 4 iterations in one go (mixing coins, LOLS's coin, both critics)."""
     mod = SCRIPTS[algo]
-    extra = dict(p_ppo_pp=0.5) if algo == "lols" else dict(tau=3)  # resumes inside the AggreVaTeD phase
-    kw = dict(beta=0.5, lr=1e-3, lr_schedule="constant", **extra)
+    # LOLS, seed 2: AggreVaTeD, PPO++ | PPO++, PPO++; D2LOLS resumes inside the AggreVaTeD phase
+    extra = dict(p_ppo_pp=0.5, seed=2) if algo == "lols" else dict(tau=3)
+    kw = dict(beta=0.5, lr=1e-3, lr_schedule="constant", keep_checkpoint=True, **extra)
     model = models("commongen")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(rt, "build_guide", lambda *a, **k: one_token_guide())

@@ -75,7 +75,7 @@ def _same(a: float, b: float) -> bool:
 def _args(task: str, model: Path, out: Path, **kw) -> ppo.Args:
     base = dict(task=task, policy_model=str(model), data_dir=str(DATA), output_dir=str(out), iterations=2,
                 rollouts_per_iteration=4, minibatch_size=2, n_epochs=2, eval_samples=4, eval_interval=1,
-                prompt_tokens=48 if task == "tldr" else None, run_name=task, device="cpu")
+                prompt_tokens=48 if task == "tldr" else None, run_name=task, device="cpu", keep_checkpoint=True)
     base.update(kw)
     return ppo.Args(**base)
 
