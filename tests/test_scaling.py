@@ -128,13 +128,13 @@ def test_shard_peft_model_trains_only_the_adapter(process_group):
 def _run_args(task: str, policy: Path, out: Path, **kw) -> dict:
     return dict(task=task, policy_model=str(policy), device=DEVICE, prompt_tokens=48, iterations=2,
                 rollouts_per_iteration=4, minibatch_size=2, n_epochs=1, eval_samples=2, eval_interval=1,
-                output_dir=str(out), **kw)
+                output_dir=str(out), keep_checkpoint=True, **kw)
 
 
 @needs_data
 @pytest.mark.device
 def test_fsdp_one_process_equals_plain_run_lols(tiny_model, tmp_path, process_group):
-    """`python lols.py --fsdp` (one process, both critics sharded; seed 2 gives a PPO++ then an AggreVaTeD
+    """`python lols.py --fsdp` (one process, both critics sharded; seed 2 gives one PPO++ and one AggreVaTeD
     iteration): the same metrics, final policy, critics and checkpoint as without --fsdp."""
     import lols
 
@@ -142,12 +142,12 @@ def test_fsdp_one_process_equals_plain_run_lols(tiny_model, tmp_path, process_gr
     lols.main(lols.Args(**base, run_name="plain"))
     lols.main(lols.Args(**base, run_name="fsdp", fsdp=True))
     plain, sharded = tmp_path / "plain", tmp_path / "fsdp"
-    assert [r["guide/phase"] for r in _train_lines(sharded)] == [1.0, 0.0]
+    assert sorted(r["guide/phase"] for r in _train_lines(sharded)) == [0.0, 1.0]
     _assert_same_metrics(_jsonl(plain / "metrics.jsonl"), _jsonl(sharded / "metrics.jsonl"))
     a, b = _state(plain / "policy"), _state(sharded / "policy")
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert json.loads((sharded / "policy" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
-    ca, cb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (plain, sharded))
+    ca, cb = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (plain, sharded))
     for key in ("critic", "guide_critic"):
         assert set(ca[key]) == set(cb[key])
         assert all(torch.allclose(ca[key][k].cpu(), cb[key][k].cpu(), atol=1e-6) for k in ca[key]), key
@@ -178,7 +178,7 @@ def test_fsdp_two_processes_match_ddp_save_and_resume(tiny_model, tmp_path):
               "--rollouts-per-iteration", "4", "--minibatch-size", "2", "--n-epochs", "1", "--eval-samples", "2",
               "--eval-interval", "1", "--output-dir", str(tmp_path)]
     _torchrun("ppo.py", *common, "--iterations", "2", "--run-name", "ddp")
-    _torchrun("ppo.py", *common, "--iterations", "1", "--run-name", "fsdp", "--fsdp")
+    _torchrun("ppo.py", *common, "--iterations", "1", "--run-name", "fsdp", "--fsdp", "--keep-checkpoint")
     first = _train_lines(tmp_path / "fsdp")
     shutil.copy(tmp_path / "fsdp" / "checkpoint.pt", tmp_path / "checkpoint-1.pt")
     _torchrun("ppo.py", *common, "--iterations", "2", "--resume", str(tmp_path / "fsdp"), "--fsdp")
@@ -190,4 +190,4 @@ def test_fsdp_two_processes_match_ddp_save_and_resume(tiny_model, tmp_path):
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     init = _state(tiny_model("tldr"))
     assert any(not torch.equal(init[k], b[k]) for k in init)  # trained
-    assert torch.load(tmp_path / "checkpoint-1.pt", weights_only=False)["iteration"] == 1
+    assert torch.load(tmp_path / "checkpoint-1.pt", weights_only=True)["iteration"] == 1
