@@ -487,8 +487,10 @@ def check_settings(args, world: int) -> None:
         raise UsageError(f"--device {device}: this torch sees no CUDA device; use --device cpu (or auto)")
     guide = value("guide")
     if guide is not None:
-        if guide not in ("model", "rule"):
-            raise UsageError(f"--guide must be model or rule, not {guide!r}")
+        from common.guides import is_server_url
+
+        if guide not in ("model", "rule") and not is_server_url(guide):
+            raise UsageError(f"--guide must be model, rule or a server URL (http://HOST:PORT/v1), not {guide!r}")
         if guide == "rule" and args.task not in RULE_GUIDES:
             raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {args.task}: use --guide model")
         if guide == "rule" and value("guide_model"):

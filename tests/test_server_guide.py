@@ -158,7 +158,8 @@ def test_scripts_with_server_guide(folders, model_server, tmp_path, monkeypatch,
     monkeypatch.setenv("RLGF_TEST_GUIDE_KEY", "sekrit-123")
     model_server.reset()
     args = script_args(SCRIPTS[algo], task, learner, tmp_path, guide=model_server.url, beta=1.0, lr=1e-3,
-                       guide_max_concurrency=2, guide_api_key_env="RLGF_TEST_GUIDE_KEY", guide_timeout=30.0)
+                       guide_max_concurrency=2, guide_api_key_env="RLGF_TEST_GUIDE_KEY", guide_timeout=30.0,
+                       keep_checkpoint=True)
     rec, result = run_recorded(SCRIPTS[algo], args)
     assert result is not None and len(rec.iters) == 2
     assert isinstance(rec.guide_objects[0], HTTPGuide)
@@ -197,7 +198,7 @@ def test_scripts_with_server_guide(folders, model_server, tmp_path, monkeypatch,
 def test_server_dies_mid_run(folders, fixed_server, tmp_path, capsys):
     learner = folders("commongen")
     srv = fixed_server("--exit-after", "4")  # iteration 1 asks 4 roll-ins (beta 1, 4 rollouts), then it is gone
-    common = dict(guide=srv.url, beta=1.0, save_interval=1, guide_retries=1, guide_timeout=5.0)
+    common = dict(guide=srv.url, beta=1.0, save_interval=1, guide_retries=1, guide_timeout=5.0, keep_checkpoint=True)
     args = script_args(ppo_plus_plus, "commongen", learner, tmp_path, **common)
     t0 = time.time()
     with pytest.raises(SystemExit) as e:
@@ -209,7 +210,7 @@ def test_server_dies_mid_run(folders, fixed_server, tmp_path, capsys):
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"error: guide server {srv.url}/completions failed 2 tries"), last
     run = tmp_path / "run"
-    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ck["iteration"] == 1
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if "objective/reward" in line]
@@ -219,7 +220,7 @@ def test_server_dies_mid_run(folders, fixed_server, tmp_path, capsys):
     assert back.url == srv.url
     first, final = ppo_plus_plus.main(script_args(ppo_plus_plus, "commongen", learner, tmp_path, resume=str(run),
                                                   **common))
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["iteration"] == 2
     assert len(back.stats()["answers"]) == 4
 
 
