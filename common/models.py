@@ -66,12 +66,16 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_causal_lm(name: str, tokenizer, device, what: str = "model"):
+def load_causal_lm(name: str, tokenizer, device, what: str = "model", quantization=None):
+    """A causal LM on `device`, dropout off, embeddings grown to the tokenizer; `quantization`: a
+    BitsAndBytesConfig (4/8-bit, loaded straight onto the CUDA device)."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(name, what)
+    kw = {} if quantization is None else {"quantization_config": quantization,
+                                          "device_map": {"": torch.device(device).index or 0}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name))
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), **kw)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load {what} {name!r} ({str(e).splitlines()[0][:120]}); offline, pass a local "
                          "folder saved with save_pretrained") from None
@@ -80,7 +84,7 @@ def load_causal_lm(name: str, tokenizer, device, what: str = "model"):
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     _no_dropout(model)
-    return model.to(device).eval()
+    return (model if quantization is not None else model.to(device)).eval()
 
 
 def _no_dropout(model):

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UsageError
+from common.lora import LoraPolicy, ModelSetup, make_adapter_critic, wrap_policy
 from common.generation import (ValueModel, decode, forward_response, left_pad, position_limit, right_pad, sample,
                                set_bf16)
 from common.models import EMBEDDED, embedded_models, load_causal_lm, load_tokenizer
@@ -131,16 +132,36 @@ def resolve_models(task: Task, policy_model: str | None, guide_model: str | None
     return policy_model or em.policy, (guide_model or em.guide) if need_guide else None
 
 
-def build_policy_ref_critic(policy_path: str, device, context: int, gradient_checkpointing: bool = False):
-    """The learner, its frozen reference copy (KL penalty) and a critic on the same initial backbone.
+def model_setup(args, device) -> ModelSetup:
+    """The run's LoRA and quantization settings (the `# model setup` fields of its Args), checked before
+    anything is loaded."""
+    setup = ModelSetup.from_args(args)
+    setup.check(device)
+    return setup
+
+
+def build_policy_ref_critic(policy_path: str, device, context: int, gradient_checkpointing: bool = False,
+                            setup: ModelSetup | None = None):
+    """The learner, its frozen reference (KL penalty) and a critic on the same initial backbone.
     `context` = prompt tokens + new tokens must fit the model's positions. `gradient_checkpointing`: the
-    trained models recompute each layer in the backward instead of keeping its activations."""
+    trained models recompute each layer in the backward instead of keeping its activations.
+
+    Full fine-tuning: the reference is a frozen copy, the critic a separate model. With LoRA (`setup.lora`):
+    one base in memory (4/8-bit when asked); the policy is its `default` adapter, the reference the base with
+    the adapters off, the critic an adapter + head on it (`--critic adapter`) or a separate model (common.lora)."""
+    setup = setup or ModelSetup()
     tok = load_tokenizer(policy_path)
-    policy = load_causal_lm(policy_path, tok, device, "--policy-model")
+    policy = load_causal_lm(policy_path, tok, device, "--policy-model", quantization=setup.quantization_config())
     limit = position_limit(policy)
     if limit and context > limit:
         raise UsageError(f"prompt + response ({context} tokens) exceed the {limit} positions of {policy_path}: "
                          "lower --prompt-tokens or --max-new-tokens")
+    if setup.lora:
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(policy, policy_path)
+        policy = wrap_policy(policy, setup, policy_path)
+        critic = make_critic(policy_path, tok, device, gradient_checkpointing, policy=policy)
+        return tok, policy, policy.reference(), critic
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     critic = make_critic(policy_path, tok, device, gradient_checkpointing)
     if gradient_checkpointing:
@@ -192,10 +213,14 @@ def zero_gradients(trained, idle=()) -> None:
             p.grad = None
 
 
-def make_critic(policy_path: str, tok, device, gradient_checkpointing: bool = False) -> ValueModel:
-    """A separate value model (backbone + scalar head), initialised from the policy's backbone."""
+def make_critic(policy_path: str, tok, device, gradient_checkpointing: bool = False, policy=None,
+                name: str = "critic") -> ValueModel:
+    """A separate value model (backbone + scalar head), initialised from the policy's backbone; with a LoRA
+    policy and `--critic adapter` (its default), an adapter `name` + head on the policy's own base instead."""
     from transformers import AutoModel
 
+    if isinstance(policy, LoraPolicy) and policy.setup.critic_kind == "adapter":
+        return make_adapter_critic(policy, name)
     backbone = AutoModel.from_pretrained(os.path.expanduser(policy_path))
     if backbone.get_input_embeddings().num_embeddings < len(tok):
         backbone.resize_token_embeddings(len(tok))
@@ -207,18 +232,22 @@ def make_critic(policy_path: str, tok, device, gradient_checkpointing: bool = Fa
     return ValueModel(backbone).to(device)
 
 
-def make_reward(task: Task, reward_model: str | None, train_examples, device, log=print):
-    """The task's reward callable `(prompts, responses, references) -> list[float]` (SPEC section 3)."""
+def make_reward(task: Task, reward_model: str | None, train_examples, device, log=print,
+                setup: ModelSetup | None = None):
+    """The task's reward callable `(prompts, responses, references) -> list[float]` (SPEC section 3). A reward
+    model is loaded in 4/8-bit with the policy (`setup`), and may be a PEFT adapter (common.rewards)."""
     from common import rewards
 
+    quant = setup.quantization_config() if setup else None
     if task.name == "imdb":
-        return rewards.HFSentimentReward(reward_model, device=device) if reward_model else rewards.VaderSentimentReward()
+        return (rewards.HFSentimentReward(reward_model, device=device, quantization=quant) if reward_model
+                else rewards.VaderSentimentReward())
     if task.name == "commongen":
         if reward_model:
             raise UsageError("--reward-model is not used by commongen (its reward is CIDEr-D + SPICE)")
         return rewards.CommonGenReward([e.references for e in train_examples])
     if reward_model:
-        return rewards.RewardModelReward(reward_model, device=device)
+        return rewards.RewardModelReward(reward_model, device=device, quantization=quant)
     return rewards.RougeReward("rougeL")
 
 
@@ -375,7 +404,8 @@ def save_checkpoint(path: Path, state: dict):
     os.replace(tmp, path)
 
 
-RESUME_MUST_MATCH = ("task", "seed", "policy_model", "guide", "guide_model", "reward_model", "beta", "tau", "p_ppo_pp")
+RESUME_MUST_MATCH = ("task", "seed", "policy_model", "guide", "guide_model", "reward_model", "beta", "tau", "p_ppo_pp",
+                     "lora_r", "lora_alpha", "lora_target_modules", "critic", "load_in_4bit", "load_in_8bit")
 
 
 def load_checkpoint(run_dir: Path, args) -> dict:
@@ -405,7 +435,14 @@ def set_rng_state(s: dict):
 
 
 def save_final(policy, critic, tok, run_dir: Path):
-    """The trained policy, loadable with AutoModelForCausalLM.from_pretrained(run_dir / 'policy')."""
+    """The trained policy, loadable with AutoModelForCausalLM.from_pretrained(run_dir / 'policy'); with LoRA,
+    the adapter (AutoPeftModelForCausalLM.from_pretrained(run_dir / 'policy'), critic adapters in sub-folders
+    named after them) and, with --merge-lora, the merged model in run_dir / 'policy-merged'. The critic's
+    trained weights (all of a separate critic; adapter + head of a critic adapter) go to critic.pt."""
+    if isinstance(policy, LoraPolicy):
+        policy.save(run_dir / "policy", tok, run_dir / "policy-merged" if policy.setup.merge_lora else None)
+        torch.save(critic.state_dict(), run_dir / "critic.pt")
+        return
     policy.save_pretrained(run_dir / "policy")
     tok.save_pretrained(run_dir / "policy")
     torch.save(critic.state_dict(), run_dir / "critic.pt")
@@ -434,9 +471,11 @@ def reference_nll(model, tok, task: Task, examples, qi, qm, args) -> torch.Tenso
 
 
 def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, device, *, top_p: float, top_k: int,
-                temperature: float, min_new_tokens: int):
+                temperature: float, min_new_tokens: int, policy=None, setup: ModelSetup | None = None):
     """The frozen black-box guide: `model` (an HF causal LM, default the task's embedded guide) or `rule`
-    (our rule-based guide for CommonGen and TL;DR)."""
+    (our rule-based guide for CommonGen and TL;DR). A model guide that is a LoRA policy's own start model
+    (same path) is that policy's base with the adapters off, not a second copy; any other model guide is
+    loaded (4/8-bit with the policy, `setup`). Loading leaves the random streams alone."""
     from common.guides import RULE_GUIDES, CallableGuide, HFGuide
 
     if kind == "rule":
@@ -446,7 +485,12 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
     if kind != "model":
         raise UsageError(f"--guide must be model or rule, not {kind!r}")
     gtok = load_tokenizer(guide_path)
-    model = load_causal_lm(guide_path, gtok, device, "--guide-model")
+    if isinstance(policy, LoraPolicy) and guide_path == policy.path:
+        model = policy.reference()
+    else:
+        with torch.random.fork_rng(devices=[]):
+            model = load_causal_lm(guide_path, gtok, device, "--guide-model",
+                                   quantization=setup.quantization_config() if setup else None)
     return HFGuide(model, gtok, top_p=top_p, top_k=top_k, temperature=temperature,
                    min_new_tokens=min_new_tokens, device=device, name=guide_path)
 
