@@ -355,13 +355,26 @@ def test_ppo_plus_plus_beta0_equals_ppo_with_lora(llama, tmp_path):
 
 @needs_data
 @pytest.mark.parametrize("algo", ["ppo", "lols"])
-def test_resume_with_lora_continues_with_the_same_numbers(llama, tmp_path, algo):
-    """2 iterations, killed, --resume to 3 == 3 iterations in one go: adapters, heads, optimiser restored."""
+def test_resume_after_a_kill_continues_with_the_same_numbers(llama, tmp_path, algo):
+    """Killed (Ctrl-C) in iteration 3 with the last checkpoint at 2, then --resume to 3 == 3 iterations in one
+    go: adapters, heads (both of LOLS's critics) and optimiser state restored exactly."""
     mod = SCRIPTS[algo]
-    kw = dict(lr=1e-2, lr_schedule="constant", eval_interval=1)
-    mod.main(_args(mod, "commongen", llama(), tmp_path / "a", iterations=3, **kw))
-    mod.main(_args(mod, "commongen", llama(), tmp_path / "b", iterations=2, **kw))
-    mod.main(_args(mod, "commongen", llama(), tmp_path / "b", iterations=3, resume=str(tmp_path / "b" / "run"), **kw))
+    kw = dict(lr=1e-2, lr_schedule="constant", eval_interval=1, iterations=3)
+    mod.main(_args(mod, "commongen", llama(), tmp_path / "a", **kw))
+    calls, real_sample = {"n": 0}, mod.sample
+
+    def killed_in_iteration_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_sample(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mod, "sample", killed_in_iteration_3)
+        with pytest.raises(SystemExit):
+            mod.main(_args(mod, "commongen", llama(), tmp_path / "b", **kw))
+    assert torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    mod.main(_args(mod, "commongen", llama(), tmp_path / "b", resume=str(tmp_path / "b" / "run"), **kw))
     full, part = _train(tmp_path / "a" / "run"), _train(tmp_path / "b" / "run")
     assert [r["step"] for r in part] == [1, 2, 3]
     for x, y in zip(full, part):
@@ -370,6 +383,35 @@ def test_resume_with_lora_continues_with_the_same_numbers(llama, tmp_path, algo)
                 assert x[k] == y[k] or (math.isnan(x[k]) and math.isnan(y[k])), f"step {x['step']}: {k}"
     ca, cb = torch.load(tmp_path / "a" / "run" / "critic.pt"), torch.load(tmp_path / "b" / "run" / "critic.pt")
     assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "a" / "run" / "policy" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "run" / "policy" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@needs_data
+def test_separate_critic_and_gradient_checkpointing_with_lora(llama, tmp_path):
+    """--critic separate: a full critic model, fully trained, beside the LoRA policy; with gradient
+    checkpointing the numbers are those of the run without it."""
+    from common.generation import ValueModel
+    from common.lora import AdapterValueModel
+
+    with pytest.MonkeyPatch.context() as mp:
+        spy = Spy(mp)
+        ppo.main(_args(ppo, "commongen", llama(), tmp_path / "a", critic="separate", lr=1e-2))
+        ppo.main(_args(ppo, "commongen", llama(), tmp_path / "b", critic="separate", lr=1e-2,
+                       gradient_checkpointing=True))
+        ppo.main(_args(ppo, "commongen", llama(), tmp_path / "c", lr=1e-2, gradient_checkpointing=True))
+    critic = spy.built[0][3]
+    assert type(critic) is ValueModel and all(p.requires_grad for p in critic.parameters())
+    assert isinstance(spy.built[2][3], AdapterValueModel)
+    a, b = _train(tmp_path / "a" / "run"), _train(tmp_path / "b" / "run")
+    for x, y in zip(a, b):
+        for k in x:
+            if not k.startswith("time/"):
+                assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), k
+    assert len(_train(tmp_path / "c" / "run")) == 2
 
 
 # ---------------------------------------------------------------------------------------------------
