@@ -115,10 +115,15 @@ class ModelSetup:
 # ---------------------------------------------------------------------------------------------------
 # switching adapters without touching requires_grad
 # ---------------------------------------------------------------------------------------------------
-def _tuner_layers(model):
+def _tuner_layers(model) -> list:
+    """The LoRA layers of `model`, found once (adding an adapter adds to the same layers)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = model.__dict__.get("_lora_layers")
+    if layers is None:
+        layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        model.__dict__["_lora_layers"] = layers
+    return layers
 
 
 @contextlib.contextmanager
