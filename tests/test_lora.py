@@ -571,3 +571,27 @@ def test_reward_adapter_with_causal_lm_task_type_is_one_line_error(reward_adapte
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(UsageError, match="SEQ_CLS"):
         RewardModelReward(str(bad), device="cpu")
+
+
+@needs_data
+def test_torchrun_two_processes_with_lora(llama, tmp_path):
+    """DDP over the adapter-only modules (policy, two critic adapters + heads), 2 processes on the CPU."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "lols.py",
+           "--task", "commongen", "--policy-model", str(llama()), "--device", "cpu", "--iterations", "2",
+           "--rollouts-per-iteration", "4", "--minibatch-size", "2", "--n-epochs", "1", "--eval-samples", "2",
+           "--eval-interval", "1", "--output-dir", str(tmp_path), "--run-name", "ddp", "--lora-r", "4",
+           "--p-ppo-pp", "0.5", "--lr", "1e-2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RLGF_DATA_DIR": str(DATA)}
+    p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = _train(tmp_path / "ddp")
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(v) for r in rows for v in r.values())
+    w = load_file(str(tmp_path / "ddp" / "policy" / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in w.items() if "lora_B" in k), "the adapter did not train"
