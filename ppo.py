@@ -63,6 +63,30 @@ class Args:
     """bf16 autocast in every forward pass: ~1.5x faster on CPUs with AVX-512 BF16 and on recent GPUs; sampling
     and training log-probs then agree to ~1e-2 instead of ~1e-6"""
 
+    # model setup: LoRA and quantization
+    lora_r: int = 0
+    """LoRA rank (peft); 0 = off (full fine-tuning). With LoRA the policy is the base plus a trainable adapter,
+    and the reference policy (and a model guide that is the policy's own start model) is that base with the
+    adapter off: one copy in memory"""
+    lora_alpha: float = 16.0
+    """LoRA alpha: the adapter's update is scaled by alpha / r (the paper's TL;DR: r 8, alpha 64)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input, in the forwards with gradients only (sampling and the no-grad forwards
+    run without it); > 0 moves the first minibatch's ratio off 1"""
+    lora_target_modules: tuple[str, ...] | None = None
+    """modules the adapters wrap (e.g. q_proj v_proj), or all-linear; default: peft's for the architecture
+    (Llama: q_proj v_proj, GPT-2: c_attn), else all-linear"""
+    critic: str | None = None
+    """LoRA runs: adapter (default; a second adapter + value head on the policy's frozen base, as the official
+    code's LoRA runs) or separate (a full critic model, fully trained); full fine-tuning: always separate"""
+    merge_lora: bool = False
+    """also save the policy with its adapter merged in, as a plain model folder (run folder/policy-merged)"""
+    load_in_4bit: bool = False
+    """load the frozen base, the reward model and a separately loaded guide in 4-bit (nf4, double quantization,
+    bf16 compute: QLoRA; bitsandbytes, CUDA only); needs --lora-r > 0"""
+    load_in_8bit: bool = False
+    """as --load-in-4bit, in 8-bit (LLM.int8())"""
+
     # lengths (default: the task's)
     prompt_tokens: int | None = None
     """prompt length in tokens (longer prompts are cut the task's way)"""
@@ -216,6 +240,7 @@ def main(args: Args):
     check_args(args, world)  # every setting, before any data, model or run folder is touched
     run_dir = rt.run_dir_of(args, ALGO, task.name)
     rank, world, device = rt.setup_device(args.device, args.bf16, args.fsdp)
+    setup = rt.model_setup(args, device)  # LoRA / 4-bit settings, checked before anything is loaded
     log = print if rank == 0 else (lambda *a, **k: None)
     evaluates = rank == 0 or args.fsdp  # a sharded policy samples only with every process taking part
 
@@ -226,8 +251,8 @@ def main(args: Args):
                                        rebuild=args.rebuild_models)
     rt.seed_everything(rt.derive_seed(args.seed, "torch", rank))  # each process samples its own rollouts
     tok, policy, ref, critic = rt.build_policy_ref_critic(
-        policy_path, device, args.prompt_tokens + args.max_new_tokens, args.gradient_checkpointing)
-    reward_fn = rt.make_reward(task, args.reward_model, train, device, log)
+        policy_path, device, args.prompt_tokens + args.max_new_tokens, args.gradient_checkpointing, setup)
+    reward_fn = rt.make_reward(task, args.reward_model, train, device, log, setup=setup)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     params = list(policy.parameters()) + list(critic.parameters())
     # fused: one kernel per step instead of a Python loop over every tensor (~3x faster optimiser step on CPU)

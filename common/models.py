@@ -78,15 +78,19 @@ def is_encoder_decoder(name: str) -> bool:
         return False  # the model's own loading then says what is wrong
 
 
-def load_causal_lm(name: str, tokenizer, device, what: str = "model"):
+def load_causal_lm(name: str, tokenizer, device, what: str = "model", quantization=None):
     """A causal LM (AutoModelForCausalLM), or an encoder-decoder LM (AutoModelForSeq2SeqLM) where the model's
-    config says `is_encoder_decoder`: everything downstream (common.generation) takes either."""
+    config says `is_encoder_decoder`: everything downstream (common.generation) takes either. On `device`,
+    dropout off, embeddings grown to the tokenizer; `quantization`: a BitsAndBytesConfig (4/8-bit, loaded
+    straight onto the CUDA device)."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     check_model_path(name, what)
     auto = AutoModelForSeq2SeqLM if is_encoder_decoder(name) else AutoModelForCausalLM
+    kw = {} if quantization is None else {"quantization_config": quantization,
+                                          "device_map": {"": torch.device(device).index or 0}}
     try:
-        model = auto.from_pretrained(os.path.expanduser(name))
+        model = auto.from_pretrained(os.path.expanduser(name), **kw)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load {what} {name!r} ({str(e).splitlines()[0][:120]}); offline, pass a local "
                          "folder saved with save_pretrained") from None
@@ -102,7 +106,7 @@ def load_causal_lm(name: str, tokenizer, device, what: str = "model"):
         except ValueError as e:
             raise UsageError(f"{what} {name!r}: {e}; set it in the model's config.json") from None
     _no_dropout(model)
-    return model.to(device).eval()
+    return (model if quantization is not None else model.to(device)).eval()
 
 
 def _no_dropout(model):

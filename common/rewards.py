@@ -84,6 +84,61 @@ def load_pretrained(model_name_or_path: str, loader, **kwargs):
                          "written by save_pretrained") from None
 
 
+def adapter_config(model_name_or_path: str) -> dict | None:
+    """The `adapter_config.json` of a PEFT adapter (local folder or hub id), None for a plain model."""
+    import json
+
+    path = os.path.expanduser(str(model_name_or_path))
+    if os.path.isdir(path):
+        f = os.path.join(path, "adapter_config.json")
+        return json.loads(open(f).read()) if os.path.isfile(f) else None
+    if _looks_local(path):
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(open(hf_hub_download(path, "adapter_config.json")).read())
+    except Exception:  # not an adapter, or not reachable: the plain loader says which in one line
+        return None
+
+
+def load_classifier(model_name_or_path: str, quantization=None, num_labels: int | None = None):
+    """(tokenizer, sequence classifier) of a model folder / hub id, or of a PEFT adapter: its
+    adapter_config.json names the base (`base_model_name_or_path`), loaded as a sequence classifier, then the
+    adapter is applied (LoRA weights and the score head it saves). The tokenizer comes from the adapter's
+    folder when it has one, else from the base. `quantization`: a BitsAndBytesConfig (CUDA)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    kw = {} if quantization is None else {"quantization_config": quantization,
+                                          "device_map": {"": torch.cuda.current_device()}}
+    if num_labels is not None:
+        kw["num_labels"] = num_labels
+    cfg = adapter_config(model_name_or_path)
+    if cfg is None:
+        kw.pop("num_labels", None)  # a plain classifier keeps its own head (checked by the caller)
+        return (load_pretrained(model_name_or_path, AutoTokenizer),
+                load_pretrained(model_name_or_path, AutoModelForSequenceClassification, **kw))
+    from peft import PeftModel
+
+    task_type, base = cfg.get("task_type") or "SEQ_CLS", cfg.get("base_model_name_or_path")
+    if task_type != "SEQ_CLS":
+        raise UsageError(f"the adapter {model_name_or_path!r} has task_type {task_type}: a reward model adapter "
+                         "must be a sequence classifier (SEQ_CLS) that saves its score head")
+    if not base:
+        raise UsageError(f"the adapter {model_name_or_path!r} does not name its base model "
+                         "(base_model_name_or_path in adapter_config.json)")
+    try:
+        tokenizer = load_pretrained(model_name_or_path, AutoTokenizer)
+    except (UsageError, OSError, ValueError):
+        tokenizer = load_pretrained(base, AutoTokenizer)
+    model = load_pretrained(base, AutoModelForSequenceClassification, **kw)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))  # the adapter was trained with the grown vocabulary
+    path = os.path.expanduser(str(model_name_or_path))
+    return tokenizer, PeftModel.from_pretrained(model, path if os.path.isdir(path) else model_name_or_path)
+
+
 def ensure_pad_token(tokenizer, model) -> None:
     """Give the tokenizer a pad token distinct from EOS (adding one and growing the embeddings if needed)
     and record it in the model's config, so HF's sequence classifiers find the last non-pad token."""
@@ -139,15 +194,12 @@ class HFSentimentReward:
     are cut from the left, so the response (what is being rewarded) is always kept."""
 
     def __init__(self, model_name_or_path: str, positive_label: str | int | None = None, batch_size: int = 32,
-                 device=None):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
+                 device=None, quantization=None):
         if batch_size < 1:
             raise UsageError(f"batch_size must be at least 1 (got {batch_size})")
         self.device = default_device(device)
-        self.tokenizer = load_pretrained(model_name_or_path, AutoTokenizer)
-        self.model = load_pretrained(model_name_or_path, AutoModelForSequenceClassification)
-        self.model.to(self.device).eval()
+        self.tokenizer, self.model = load_classifier(model_name_or_path, quantization)
+        (self.model if quantization is not None else self.model.to(self.device)).eval()
         ensure_pad_token(self.tokenizer, self.model)
         self.tokenizer.padding_side = "right"
         self.tokenizer.truncation_side = "left"
@@ -435,20 +487,20 @@ class RewardModelReward:
 
     The tokenizer gets a pad token distinct from EOS (so an EOS at the end of a response is a real
     token) and pads on the right; `config.pad_token_id` is set, so HF pools the rightmost non-pad
-    token. Inputs longer than the model takes are cut from the left (the response is kept)."""
+    token. Inputs longer than the model takes are cut from the left (the response is kept).
 
-    def __init__(self, model_name_or_path: str, batch_size: int = 16, device=None):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    `model_name_or_path` may be a PEFT adapter (folder or hub id) on a base model (`load_classifier`);
+    `quantization`: a BitsAndBytesConfig, the base loaded in 4/8-bit on the GPU."""
 
+    def __init__(self, model_name_or_path: str, batch_size: int = 16, device=None, quantization=None):
         if batch_size < 1:
             raise UsageError(f"batch_size must be at least 1 (got {batch_size})")
         self.device = default_device(device)
-        self.tokenizer = load_pretrained(model_name_or_path, AutoTokenizer)
-        self.model = load_pretrained(model_name_or_path, AutoModelForSequenceClassification)
+        self.tokenizer, self.model = load_classifier(model_name_or_path, quantization, num_labels=1)
         if self.model.config.num_labels != 1:
             raise UsageError(f"the reward model {model_name_or_path!r} has {self.model.config.num_labels} "
                              "labels: a reward model must have num_labels 1")
-        self.model.to(self.device).eval()
+        (self.model if quantization is not None else self.model.to(self.device)).eval()
         ensure_pad_token(self.tokenizer, self.model)
         self.tokenizer.padding_side = "right"
         self.tokenizer.truncation_side = "left"

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from common.errors import RunFailed, UsageError, exit_code
+from common.lora import LoraPolicy, ModelSetup, make_adapter_critic, wrap_policy
 from common.generation import (ValueModel, decode, forward_response, left_pad, position_limit, right_pad, sample,
                                set_bf16)
 from common.models import EMBEDDED, _no_dropout, embedded_models, load_causal_lm, load_tokenizer
@@ -200,17 +201,39 @@ def resolve_models(task: Task, policy_model: str | None, guide_model: str | None
     return policy_model or em.policy, (guide_model or em.guide) if need_guide else None
 
 
-def build_policy_ref_critic(policy_path: str, device, context: int, gradient_checkpointing: bool = False):
-    """The learner, its frozen reference copy (KL penalty) and a critic on the same initial backbone.
+def model_setup(args, device) -> ModelSetup:
+    """The run's LoRA and quantization settings (the `# model setup` fields of its Args), checked before
+    anything is loaded."""
+    setup = ModelSetup.from_args(args)
+    setup.check(device)
+    return setup
+
+
+def build_policy_ref_critic(policy_path: str, device, context: int, gradient_checkpointing: bool = False,
+                            setup: ModelSetup | None = None):
+    """The learner, its frozen reference (KL penalty) and a critic on the same initial backbone.
     `context` = prompt tokens + new tokens must fit the model's positions. An encoder-decoder model (read from its
-    config) gets the same three: its LM, a copy, and a critic on its encoder-decoder backbone. `gradient_checkpointing`: the
-    trained models recompute each layer in the backward instead of keeping its activations."""
+    config) gets the same three: its LM, a copy, and a critic on its encoder-decoder backbone.
+    `gradient_checkpointing`: the trained models recompute each layer in the backward instead of keeping its
+    activations.
+
+    Full fine-tuning: the reference is a frozen copy, the critic a separate model. With LoRA (`setup.lora`):
+    one base in memory (4/8-bit when asked); the policy is its `default` adapter, the reference the base with
+    the adapters off, the critic an adapter + head on it (`--critic adapter`) or a separate model (common.lora)."""
+    setup = setup or ModelSetup()
     tok = load_tokenizer(policy_path)
-    policy = load_causal_lm(policy_path, tok, _load_device(device), "--policy-model")
+    policy = load_causal_lm(policy_path, tok, _load_device(device), "--policy-model",
+                            quantization=setup.quantization_config())
     limit = position_limit(policy)
     if limit and context > limit:  # an encoder-decoder model with absolute positions (BART): conservative
         raise UsageError(f"prompt + response ({context} tokens) exceed the {limit} positions of {policy_path}: "
                          "lower --prompt-tokens or --max-new-tokens")
+    if setup.lora:
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(policy, policy_path)
+        policy = wrap_policy(policy, setup, policy_path)
+        critic = make_critic(policy_path, tok, device, gradient_checkpointing, policy=policy)
+        return tok, policy, policy.reference(), critic
     ref = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
     critic = make_critic(policy_path, tok, device, gradient_checkpointing)
     if gradient_checkpointing:
@@ -267,11 +290,15 @@ def zero_gradients(trained, idle=()) -> None:
             p.grad = None
 
 
-def make_critic(policy_path: str, tok, device, gradient_checkpointing: bool = False) -> ValueModel:
+def make_critic(policy_path: str, tok, device, gradient_checkpointing: bool = False, policy=None,
+                name: str = "critic") -> ValueModel:
     """A separate value model (backbone + scalar head), initialised from the policy's backbone (AutoModel: a causal
-    LM's transformer, an encoder-decoder LM's encoder-decoder without LM head, e.g. T5Model)."""
+    LM's transformer, an encoder-decoder LM's encoder-decoder without LM head, e.g. T5Model); with a LoRA
+    policy and `--critic adapter` (its default), an adapter `name` + head on the policy's own base instead."""
     from transformers import AutoModel
 
+    if isinstance(policy, LoraPolicy) and policy.setup.critic_kind == "adapter":
+        return make_adapter_critic(policy, name)
     backbone = AutoModel.from_pretrained(os.path.expanduser(policy_path))
     if backbone.get_input_embeddings().num_embeddings < len(tok):
         backbone.resize_token_embeddings(len(tok))
@@ -281,18 +308,22 @@ def make_critic(policy_path: str, tok, device, gradient_checkpointing: bool = Fa
     return ValueModel(backbone).to(_load_device(device))
 
 
-def make_reward(task: Task, reward_model: str | None, train_examples, device, log=print):
-    """The task's reward callable `(prompts, responses, references) -> list[float]` (SPEC section 3)."""
+def make_reward(task: Task, reward_model: str | None, train_examples, device, log=print,
+                setup: ModelSetup | None = None):
+    """The task's reward callable `(prompts, responses, references) -> list[float]` (SPEC section 3). A reward
+    model is loaded in 4/8-bit with the policy (`setup`), and may be a PEFT adapter (common.rewards)."""
     from common import rewards
 
+    quant = setup.quantization_config() if setup else None
     if task.name == "imdb":
-        return rewards.HFSentimentReward(reward_model, device=device) if reward_model else rewards.VaderSentimentReward()
+        return (rewards.HFSentimentReward(reward_model, device=device, quantization=quant) if reward_model
+                else rewards.VaderSentimentReward())
     if task.name == "commongen":
         if reward_model:
             raise UsageError("--reward-model is not used by commongen (its reward is CIDEr-D + SPICE)")
         return rewards.CommonGenReward([e.references for e in train_examples])
     if reward_model:
-        return rewards.RewardModelReward(reward_model, device=device)
+        return rewards.RewardModelReward(reward_model, device=device, quantization=quant)
     return rewards.RougeReward("rougeL")
 
 
@@ -716,14 +747,22 @@ def check_finite(stats: dict, where: str) -> None:
 
 
 def save_final(policy, critic, tok, run_dir: Path):
-    """The trained policy, loadable with AutoModelForCausalLM.from_pretrained(run_dir / 'policy'), and the
-    critic's state dict, written by rank 0. Every process calls it: under FSDP it gathers the full weights."""
+    """The trained policy, loadable with AutoModelForCausalLM.from_pretrained(run_dir / 'policy'); with LoRA,
+    the adapter (AutoPeftModelForCausalLM.from_pretrained(run_dir / 'policy'), critic adapters in sub-folders
+    named after them) and, with --merge-lora, the merged model in run_dir / 'policy-merged'. The critic's
+    trained weights (all of a separate critic; adapter + head of a critic adapter) go to critic.pt. Written by
+    rank 0; every process calls it: under FSDP it gathers the full weights."""
     from common.fsdp import is_sharded
 
     rank = _rank()
-    policy_state = full_state_dict(policy, rank) if is_sharded(policy) else None
+    lora = isinstance(policy, LoraPolicy)
+    policy_state = full_state_dict(policy, rank) if is_sharded(policy) and not lora else None
     critic_state = full_state_dict(critic, rank)
     if rank != 0:
+        return
+    if lora:
+        policy.save(run_dir / "policy", tok, run_dir / "policy-merged" if policy.setup.merge_lora else None)
+        torch.save(critic_state, run_dir / "critic.pt")
         return
     if policy_state is None:
         policy.save_pretrained(run_dir / "policy")
@@ -779,10 +818,12 @@ def reference_nll(model, tok, task: Task, examples, qi, qm, args) -> torch.Tenso
 
 
 def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, device, *, top_p: float, top_k: int,
-                temperature: float, min_new_tokens: int, server=None):
-    """The frozen black-box guide: `model` (an HF causal LM, default the task's embedded guide), `rule`
-    (our rule-based guide for CommonGen and TL;DR) or the URL of an OpenAI-compatible server
-    (`http://HOST:PORT/v1`), reached as `server` (a `common.guides.ServerOptions`) says."""
+                temperature: float, min_new_tokens: int, policy=None, setup: ModelSetup | None = None, server=None):
+    """The frozen black-box guide: `model` (an HF causal or encoder-decoder LM, default the task's embedded
+    guide), `rule` (our rule-based guide for CommonGen and TL;DR) or the URL of an OpenAI-compatible server
+    (`http://HOST:PORT/v1`), reached as `server` (a `common.guides.ServerOptions`) says. A model guide that is a
+    LoRA policy's own start model (same path) is that policy's base with the adapters off, not a second copy; any
+    other model guide is loaded (4/8-bit with the policy, `setup`). Loading leaves the random streams alone."""
     from common.guides import RULE_GUIDES, CallableGuide, HFGuide, ServerOptions, build_server_guide, is_server_url
 
     server = server or ServerOptions()
@@ -802,7 +843,12 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
     if kind != "model":
         raise UsageError(f"--guide must be model, rule or a server URL (http://HOST:PORT/v1), not {kind!r}")
     gtok = load_tokenizer(guide_path)
-    model = load_causal_lm(guide_path, gtok, device, "--guide-model")
+    if isinstance(policy, LoraPolicy) and guide_path == policy.path:
+        model = policy.reference()
+    else:
+        with torch.random.fork_rng(devices=[]):
+            model = load_causal_lm(guide_path, gtok, device, "--guide-model",
+                                   quantization=setup.quantization_config() if setup else None)
     return HFGuide(model, gtok, top_p=top_p, top_k=top_k, temperature=temperature,
                    min_new_tokens=min_new_tokens, device=device, name=guide_path)
 

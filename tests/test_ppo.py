@@ -656,7 +656,7 @@ def captured(tiny_model, tmp_path_factory):
     rec = {"sample": [], "kl": [], "gae": [], "train_fwd": [], "scores": []}
     real_sample, real_kl, real_gae, real_fwd = ppo.sample, ppo.kl_per_token, ppo.compute_gae, ppo.forward_response
 
-    def stub_reward(task, reward_model, train, device, log=print):
+    def stub_reward(task, reward_model, train, device, log=print, **kwargs):
         def fn(prompts, responses, references):
             s = [10.0 + i for i in range(len(responses))]
             rec["scores"].append(s)
