@@ -516,6 +516,8 @@ def check_settings(args, world: int) -> None:
         raise UsageError(f"--device must be auto, cpu or cuda, not {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: this torch sees no CUDA device; use --device cpu (or auto)")
+    if hasattr(args, "lora_r"):  # LoRA and quantization (common.lora)
+        ModelSetup.from_args(args).check(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     guide = value("guide")
     if guide is not None:
         from common.guides import is_server_url

@@ -71,8 +71,14 @@ def test_paper_preset_sets_up_lora_where_the_script_has_the_fields(hub_reachable
     assert (a.lora_r, a.lora_alpha, a.load_in_4bit, a.iterations) == (8, 64, True, 1000)
     b = fill_presets(WithLora(lora_r=16, iterations=3, policy_model="/my/model"), "tldr", "paper")
     assert (b.lora_r, b.lora_alpha, b.iterations, b.policy_model) == (16, 64, 3, "/my/model")
-    assert not any(f.name.startswith("lora") for f in dataclasses.fields(ppo.Args))
-    fill_presets(ppo.Args(task="tldr"), "tldr", "paper")  # no such fields: ignored
+    c = fill_presets(ppo.Args(task="tldr"), "tldr", "paper")  # the scripts' own LoRA fields
+    assert (c.lora_r, c.lora_alpha, c.load_in_4bit) == (8, 64, True)
+
+    @dataclasses.dataclass
+    class WithoutLora:
+        iterations: int | None = None
+
+    assert fill_presets(WithoutLora(), "tldr", "paper").iterations == 1000  # no such fields: ignored
 
 
 def test_auto_preset_keeps_models_and_picks_numbers_by_model():
