@@ -88,6 +88,9 @@ class Args:
     """response length limit"""
     temperature: float = 1.0
     """sampling temperature, the same in the loss"""
+    chat_template: str = "auto"
+    """instruct models: the task's prompt as the user turn, the response as the assistant turn ended by its
+    end-of-turn token as EOS; auto (on when the tokenizer has a chat template), on or off"""
 
     # batch hierarchy (SPEC 4.7)
     iterations: int | None = None
@@ -232,11 +235,13 @@ def main(args: Args):
     policy_path, guide_path = rt.resolve_models(task, args.policy_model, args.guide_model, data_dir, rank, world, log,
                                                 need_guide=args.guide == "model")
     guide = rt.build_guide(args.guide, task, guide_path, None, device, top_p=args.guide_top_p, top_k=args.guide_top_k,
-                           temperature=args.guide_temperature, min_new_tokens=args.min_new_tokens)
+                           temperature=args.guide_temperature, min_new_tokens=args.min_new_tokens,
+                           chat_template=args.chat_template)
     rt.seed_everything(args.seed + rank)  # each process samples its own rollouts
     mix_rng = random.Random(args.seed + rank)  # mixing coins and switch points: their own stream
     tok, policy, ref, critic = rt.build_policy_ref_critic(
-        policy_path, device, args.prompt_tokens + args.max_new_tokens, args.gradient_checkpointing)
+        policy_path, device, args.prompt_tokens + args.max_new_tokens, args.gradient_checkpointing, args.chat_template)
+    args = dataclasses.replace(args, chat_template="on" if tok.chat_format else "off")
     reward_fn = rt.make_reward(task, args.reward_model, train, device, log)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     params = list(policy.parameters()) + list(critic.parameters())

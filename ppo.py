@@ -68,6 +68,9 @@ class Args:
     """response length limit"""
     temperature: float = 1.0
     """sampling temperature, the same in the loss"""
+    chat_template: str = "auto"
+    """instruct models: the task's prompt as the user turn, the response as the assistant turn ended by its
+    end-of-turn token as EOS; auto (on when the tokenizer has a chat template), on or off"""
 
     # batch hierarchy (SPEC 4.7)
     iterations: int | None = None
@@ -210,7 +213,8 @@ def main(args: Args):
     policy_path, _ = rt.resolve_models(task, args.policy_model, None, data_dir, rank, world, log)
     rt.seed_everything(args.seed + rank)  # each process samples its own rollouts
     tok, policy, ref, critic = rt.build_policy_ref_critic(
-        policy_path, device, args.prompt_tokens + args.max_new_tokens, args.gradient_checkpointing)
+        policy_path, device, args.prompt_tokens + args.max_new_tokens, args.gradient_checkpointing, args.chat_template)
+    args = dataclasses.replace(args, chat_template="on" if tok.chat_format else "off")
     reward_fn = rt.make_reward(task, args.reward_model, train, device, log)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     params = list(policy.parameters()) + list(critic.parameters())

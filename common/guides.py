@@ -11,7 +11,9 @@ so the paper's premise (a guide better than the learner) holds offline: CommonGe
 prefix has not used yet; TL;DR writes the post's title.
 
 `guide_continue` is the one "continue from a forced prefix" helper for the guide side; the learner side is
-`common.generation.sample(..., prefixes=...)`.
+`common.generation.sample(..., prefixes=...)`. A guide always receives the task's prompt text (without the
+learner's chat template); an `HFGuide` whose tokenizer is set up for its own chat template (common.chat) puts
+that template around it, and the learner's prefix continues the guide's assistant turn.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from common.chat import task_ids, template_length, wrap
 from common.generation import decode, position_limit, sample
 
 
@@ -58,7 +61,10 @@ class HFGuide:
         total = max(len(f) + b for f, b in zip(forced, max_new_tokens))
         limit = position_limit(self.model)
         if limit:
-            queries = [q[-max(1, limit - total):] for q in queries]
+            queries = [q[-max(1, limit - total - template_length(self.tok)):] for q in queries]
+        # the guide's own chat template (when set up, common.chat) around its own prompt; a prefix continues
+        # the assistant turn
+        queries = [wrap(self.tok, q) for q in queries]
         out = sample(self.model, queries, prefixes=forced, max_new_tokens=total, min_new_tokens=self.min_new_tokens,
                      eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id, temperature=self.temperature,
                      top_k=self.top_k, top_p=self.top_p, device=self.device)
@@ -106,7 +112,8 @@ def guide_continue(guide: Guide, tok, queries: list[list[int]], prefixes: list[l
     learner's tokens, cut to the remaining budget. EOS is appended when the guide stopped on its own and
     the response is long enough to end (pad and EOS never appear inside)."""
     budgets = [max_new_tokens - len(p) for p in prefixes]
-    texts = guide.complete(decode(tok, queries), decode(tok, prefixes), budgets)
+    # the guide gets the task's prompt text (the learner's chat template, if any, stripped: a guide has its own)
+    texts = guide.complete(decode(tok, [task_ids(tok, q) for q in queries]), decode(tok, prefixes), budgets)
     special = {tok.pad_token_id, tok.eos_token_id}
     out = []
     for prefix, text, budget in zip(prefixes, texts, budgets):

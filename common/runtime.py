@@ -21,7 +21,8 @@ import torch.distributed as dist
 from common.errors import UsageError
 from common.generation import (ValueModel, decode, forward_response, left_pad, position_limit, right_pad, sample,
                                set_bf16)
-from common.models import EMBEDDED, embedded_models, load_causal_lm, load_tokenizer
+from common.chat import setup_chat, template_length
+from common.models import PRETRAINED, embedded_models, load_causal_lm, load_tokenizer, resolve_model_alias
 from common.tasks import Task, encode_prompt
 
 
@@ -118,8 +119,15 @@ def check_batch_sizes(rollouts: int, minibatch: int, micro: int, world: int):
 # ---------------------------------------------------------------------------------------------------
 def resolve_models(task: Task, policy_model: str | None, guide_model: str | None, data_dir: str | None,
                    rank: int, world: int, log=print, need_guide: bool = False):
-    """Hub id / folder for the policy (and the guide, when asked); the task's embedded defaults (built
-    once by rank 0, cached) for whatever is not given. A given policy without a guide is its own guide."""
+    """Hub id / folder for the policy (and the guide, when asked); a model alias (`smollm2`) becomes its
+    cached folder (made once by rank 0); the task's embedded defaults (built once by rank 0, cached) for
+    whatever is not given. A given policy without a guide is its own guide."""
+    if any(m in PRETRAINED for m in (policy_model, guide_model)):
+        if rank == 0:
+            resolve_model_alias(policy_model, log), resolve_model_alias(guide_model, log)
+        if world > 1:
+            dist.barrier()
+        policy_model, guide_model = resolve_model_alias(policy_model, log), resolve_model_alias(guide_model, log)
     guide_model = guide_model or (policy_model if need_guide else None)
     if policy_model and (guide_model or not need_guide):
         return policy_model, guide_model
@@ -131,11 +139,16 @@ def resolve_models(task: Task, policy_model: str | None, guide_model: str | None
     return policy_model or em.policy, (guide_model or em.guide) if need_guide else None
 
 
-def build_policy_ref_critic(policy_path: str, device, context: int, gradient_checkpointing: bool = False):
+def build_policy_ref_critic(policy_path: str, device, context: int, gradient_checkpointing: bool = False,
+                            chat_template: str = "off"):
     """The learner, its frozen reference copy (KL penalty) and a critic on the same initial backbone.
-    `context` = prompt tokens + new tokens must fit the model's positions. `gradient_checkpointing`: the
-    trained models recompute each layer in the backward instead of keeping its activations."""
+    `context` = prompt tokens + new tokens (+ the chat template's tokens) must fit the model's positions.
+    `gradient_checkpointing`: the trained models recompute each layer in the backward instead of keeping its
+    activations. `chat_template` (auto, on, off): the tokenizer is set up for it (common.chat.setup_chat);
+    the resolved mode is `tok.chat_format is not None`."""
     tok = load_tokenizer(policy_path)
+    setup_chat(tok, chat_template)
+    context += template_length(tok)
     policy = load_causal_lm(policy_path, tok, device, "--policy-model")
     limit = position_limit(policy)
     if limit and context > limit:
@@ -375,7 +388,8 @@ def save_checkpoint(path: Path, state: dict):
     os.replace(tmp, path)
 
 
-RESUME_MUST_MATCH = ("task", "seed", "policy_model", "guide", "guide_model", "reward_model", "beta", "tau", "p_ppo_pp")
+RESUME_MUST_MATCH = ("task", "seed", "policy_model", "guide", "guide_model", "reward_model", "beta", "tau", "p_ppo_pp",
+                     "chat_template")
 
 
 def load_checkpoint(run_dir: Path, args) -> dict:
@@ -434,9 +448,10 @@ def reference_nll(model, tok, task: Task, examples, qi, qm, args) -> torch.Tenso
 
 
 def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, device, *, top_p: float, top_k: int,
-                temperature: float, min_new_tokens: int):
+                temperature: float, min_new_tokens: int, chat_template: str = "off"):
     """The frozen black-box guide: `model` (an HF causal LM, default the task's embedded guide) or `rule`
-    (our rule-based guide for CommonGen and TL;DR)."""
+    (our rule-based guide for CommonGen and TL;DR). A model guide keeps its own chat template, applied to its
+    own prompt, whenever its tokenizer has one and `chat_template` is not off."""
     from common.guides import RULE_GUIDES, CallableGuide, HFGuide
 
     if kind == "rule":
@@ -446,6 +461,7 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
     if kind != "model":
         raise UsageError(f"--guide must be model or rule, not {kind!r}")
     gtok = load_tokenizer(guide_path)
+    setup_chat(gtok, "off" if chat_template == "off" else "auto")
     model = load_causal_lm(guide_path, gtok, device, "--guide-model")
     return HFGuide(model, gtok, top_p=top_p, top_k=top_k, temperature=temperature,
                    min_new_tokens=min_new_tokens, device=device, name=guide_path)
