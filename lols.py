@@ -40,7 +40,7 @@ from common import runtime as rt
 from common.errors import UsageError, one_line_errors
 from common.generation import decode, forward_response, left_pad, right_pad, sample, used_columns
 from common.guides import guide_continue
-from common.presets import fill_presets
+from common.presets import fill_presets, preset_for
 from common.tasks import get_task, resolve_data_dir
 
 
@@ -225,7 +225,7 @@ def main(args: Args):
     rt.quiet_libraries()
     task = get_task(args.task)
     data_dir = resolve_data_dir(args.data_dir)
-    args = fill_presets(args, task.name, embedded=args.policy_model is None, aliases={"beta": "lols_beta"})
+    args = fill_presets(args, task.name, preset_for(args.policy_model), aliases={"beta": "lols_beta"})
     args = dataclasses.replace(
         args, min_new_tokens=task.min_new_tokens if args.min_new_tokens is None else args.min_new_tokens,
         max_new_tokens=args.max_new_tokens or task.max_new_tokens,

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import runtime as rt
 from common.errors import UsageError, one_line_errors
 from common.generation import decode, forward_response, left_pad, right_pad, sample, used_columns
-from common.presets import fill_presets
+from common.presets import fill_presets, preset_for
 from common.tasks import get_task, resolve_data_dir
 
 
@@ -197,7 +197,7 @@ def main(args: Args):
     rt.quiet_libraries()
     task = get_task(args.task)
     data_dir = resolve_data_dir(args.data_dir)
-    args = fill_presets(args, task.name, embedded=args.policy_model is None)
+    args = fill_presets(args, task.name, preset_for(args.policy_model))
     args = dataclasses.replace(
         args, min_new_tokens=task.min_new_tokens if args.min_new_tokens is None else args.min_new_tokens,
         max_new_tokens=args.max_new_tokens or task.max_new_tokens,

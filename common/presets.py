@@ -1,13 +1,19 @@
 """Per-task default settings, filled into every script's `Args` fields left at None.
 
-Two presets per task: `paper` (the official configs, SPEC sections 2-3, for the paper's hub models) and
-`embedded` (the offline default models: the same method, sized to finish in minutes on a 2-core CPU).
-A field given on the command line always wins.
+Presets per task: `paper` (the official configs, SPEC sections 2-3, for the paper's hub models), `embedded`
+(the offline default models: the same method, sized to finish in minutes on a 2-core CPU) and `smollm2`
+(SmolLM2-135M-Instruct, `--policy-model smollm2`: full fine-tuning sized for a laptop CPU). `preset_for`
+picks one from the policy model. A field given on the command line always wins.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from pathlib import Path
+
+from common.errors import UsageError
 
 PAPER = {
     "imdb": dict(iterations=50, rollouts_per_iteration=112, minibatch_size=28, n_epochs=5, gamma=0.99, lam=0.95,
@@ -46,10 +52,51 @@ EMBEDDED = {
 }
 
 
-def fill_presets(args, task_name: str, embedded: bool, aliases: dict | None = None):
-    """Return a copy of `args` whose None fields take the task's preset; `aliases` maps a field to the
-    preset key it reads (e.g. beta -> ppo_pp_beta)."""
-    preset = (EMBEDDED if embedded else PAPER)[task_name]
+# SmolLM2-135M-Instruct (134.5M parameters, full fine-tuning, fp32 unless --bf16), sized so that one run of a
+# five-algorithm x 3-seed grid takes minutes on a laptop CPU, one thread per run (docs/real-model.md: ~30-50 s
+# per CommonGen iteration of 16 rollouts x 2 epochs). Method settings are the paper's; the fewer, smaller
+# iterations take a larger learning rate (not tuned) and a small KL penalty. tau keeps the paper's share of the
+# run (CommonGen 100 of 500, TL;DR 200 of 1000, IMDB 20 of 50). The guide is the paper's: the learner's start
+# model sampled with top-p 0.92. With the chat template it is already much better than the learner's
+# temperature-1 samples (zero-shot CommonGen CIDEr-D: greedy 0.553, sampled 0.193; docs/real-model.md).
+SMOLLM2 = {
+    "commongen": {**PAPER["commongen"], **dict(iterations=20, rollouts_per_iteration=16, minibatch_size=8,
+                                                n_epochs=2, kl_coef=0.01, lr=1e-5, prompt_tokens=32,
+                                                eval_interval=5, eval_samples=100, tau=4)},
+    "imdb": {**PAPER["imdb"], **dict(iterations=10, rollouts_per_iteration=8, minibatch_size=4, n_epochs=2,
+                                      kl_coef=0.02, lr=1e-5, eval_interval=5, eval_samples=32, tau=4)},
+    "tldr": {**PAPER["tldr"], **dict(iterations=10, rollouts_per_iteration=8, minibatch_size=4, n_epochs=2,
+                                      kl_coef=0.02, lr=1e-5, prompt_tokens=256, eval_interval=5, eval_samples=32,
+                                      tau=2)},
+}
+
+PRESETS = {"paper": PAPER, "embedded": EMBEDDED, "smollm2": SMOLLM2}
+
+
+def preset_for(policy_model: str | None) -> str:
+    """The preset a policy model gets by default: `embedded` without one, a model alias's own preset for the
+    alias (`smollm2`) or the folder it made (its info.json names the alias), else `paper`."""
+    if policy_model is None:
+        return "embedded"
+    if policy_model in PRESETS and not os.path.exists(policy_model):
+        return policy_model
+    info = Path(os.path.expanduser(policy_model)) / "info.json"
+    if info.is_file():
+        try:
+            alias = json.loads(info.read_text()).get("alias")
+        except (ValueError, AttributeError):
+            alias = None
+        if alias in PRESETS:
+            return alias
+    return "paper"
+
+
+def fill_presets(args, task_name: str, preset: str, aliases: dict | None = None):
+    """Return a copy of `args` whose None fields take the task's settings in `preset` (paper, embedded,
+    smollm2); `aliases` maps a field to the preset key it reads (e.g. beta -> ppo_pp_beta)."""
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[preset][task_name]
     aliases = aliases or {}
     updates = {f.name: preset[aliases.get(f.name, f.name)] for f in dataclasses.fields(args)
                if getattr(args, f.name) is None and aliases.get(f.name, f.name) in preset}

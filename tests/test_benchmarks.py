@@ -59,7 +59,7 @@ def test_report_tables_means_and_plots(tmp_path):
     results, diag = table.split("Training diagnostics")
     rows = {line.split("|")[1].strip(): line for line in results.splitlines() if line.startswith("| ")}
     drows = {line.split("|")[1].strip(): line for line in diag.splitlines() if line.startswith("| ")}
-    assert "| 2 | 0.700 ± 0.100 |" in rows["ppo"]  # mean ± std over the two seeds
+    assert "| 2 | 0.700 ± 0.100 |" in rows["ppo"]  # mean ± standard error over the two seeds
     assert "| 1 | 0.900 |" in rows["d2lols"]
     assert "0.650" in rows["the guide alone"]
     assert "| - | 0.500 ± 0.000 |" in rows["initial policy"]  # the same evaluation in every run
