@@ -48,11 +48,13 @@ class Args:
     data_dir: str | None = None
     """folder laid out like ../shared/data (JSONL in the hub's schemas); default: $RLGF_DATA_DIR, else the Hub"""
     policy_model: str | None = None
-    """learner's initial model, hub id or folder; default: the task's embedded model (built once, cached)"""
+    """learner's initial model: hub id, folder or smollm2 (SmolLM2-135M-Instruct, made offline once, with its own
+    preset); default: the task's embedded model (built once, cached)"""
     guide: str = "model"
     """the black-box guide: model (an HF causal LM, --guide-model) or rule (our rule-based guide: commongen, tldr)"""
     guide_model: str | None = None
-    """guide model, hub id or folder; default: the task's embedded guide (IMDB: SFT on positive reviews)"""
+    """guide model: hub id, folder or smollm2; default: the policy model when one is given, else the task's embedded
+    guide (IMDB: SFT on positive reviews)"""
     guide_top_p: float | None = None
     """guide's nucleus sampling (paper 0.92); the learner always samples with top_p 1"""
     guide_top_k: int | None = None

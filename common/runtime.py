@@ -22,7 +22,7 @@ from common.errors import UsageError
 from common.generation import (ValueModel, decode, forward_response, left_pad, position_limit, right_pad, sample,
                                set_bf16)
 from common.chat import setup_chat, template_length
-from common.models import PRETRAINED, embedded_models, load_causal_lm, load_tokenizer, resolve_model_alias
+from common.models import embedded_models, load_causal_lm, load_tokenizer, resolve_model_alias
 from common.tasks import Task, encode_prompt
 
 
@@ -122,12 +122,12 @@ def resolve_models(task: Task, policy_model: str | None, guide_model: str | None
     """Hub id / folder for the policy (and the guide, when asked); a model alias (`smollm2`) becomes its
     cached folder (made once by rank 0); the task's embedded defaults (built once by rank 0, cached) for
     whatever is not given. A given policy without a guide is its own guide."""
-    if any(m in PRETRAINED for m in (policy_model, guide_model)):
-        if rank == 0:
-            resolve_model_alias(policy_model, log), resolve_model_alias(guide_model, log)
-        if world > 1:
-            dist.barrier()
-        policy_model, guide_model = resolve_model_alias(policy_model, log), resolve_model_alias(guide_model, log)
+    if rank == 0:  # aliases are made once, by rank 0
+        resolve_model_alias(policy_model, log, data_dir), resolve_model_alias(guide_model, log, data_dir)
+    if world > 1:
+        dist.barrier()
+    policy_model = resolve_model_alias(policy_model, log, data_dir)
+    guide_model = resolve_model_alias(guide_model, log, data_dir)
     guide_model = guide_model or (policy_model if need_guide else None)
     if policy_model and (guide_model or not need_guide):
         return policy_model, guide_model

@@ -168,3 +168,35 @@ def test_ppo_main_samples_trains_and_evaluates_on_templated_prompts(chat_model, 
     assert sorted(qi[i][qm[i].bool()].tolist() for i in range(len(qi))) == sorted(queries)
     for q, kw in rec_eval.calls:  # evaluation: the same template
         assert kw["eos_id"] == im_end and all(x == wrap(tok, task_ids(tok, x)) for x in q)
+
+
+@needs_data
+def test_few_shot_guide_puts_solved_train_examples_in_its_own_template(chat_model, tmp_path, monkeypatch):
+    """`--guide-model smollm2-commongen-2shot`: the alias's model with training examples as earlier turns of its
+    chat template; the weights are the alias's own (linked), the learner's prompts stay as they were."""
+    import shutil
+
+    from common import models
+
+    monkeypatch.setenv("RLGF_CACHE_DIR", str(tmp_path))
+    shutil.copytree(chat_model, tmp_path / "smollm2")  # stands in for the converted SmolLM2
+    (tmp_path / "smollm2" / "DONE").write_text("ok\n")
+    folder = Path(models.resolve_model_alias("smollm2-commongen-2shot", log=lambda *a: None, data_dir=str(DATA)))
+    assert folder == tmp_path / "smollm2-commongen-2shot"
+    info = json.loads((folder / "info.json").read_text())
+    train = get_task("commongen").load("train", str(DATA))
+    shots = [train[i] for i in info["few_shot"]["train_rows"]]
+    assert len(shots) == 2
+    gtok, mode = _tok(folder)
+    assert mode == "on"
+    before = gtok.decode(gtok.chat_format.before)
+    for e in shots:  # each example: its prompt as a user turn, its first reference as the assistant's answer
+        assert f"<|im_start|>user\n{e.prompt}<|im_end|>\n<|im_start|>assistant\n{e.references[0].strip()}<|im_end|>" in before
+    assert before.startswith("<|im_start|>system\n") and before.endswith("<|im_start|>user\n")
+    tok, _ = _tok(chat_model)
+    assert gtok.chat_format.after == tok.chat_format.after and gtok.eos_token_id == tok.eos_token_id
+    # same weights as the base model
+    base, fs = load_causal_lm(str(chat_model), tok, "cpu"), load_causal_lm(str(folder), gtok, "cpu")
+    ids = torch.tensor([tok(PROMPT, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=ids).logits, fs(input_ids=ids).logits)

@@ -133,10 +133,13 @@ def test_smollm2_conversion_gives_the_gguf_model_with_a_distinct_pad(tmp_path, m
 # benchmarks/reproduce.py for the real model: commands, resumption, pruning, standard errors
 # ---------------------------------------------------------------------------------------------------
 def test_grid_commands_carry_the_model_the_guide_and_resume(tmp_path):
-    args = reproduce.Args(tasks=["commongen"], seeds=[1], guides=["model", "greedy"], policy_model="smollm2",
-                          runs_dir=str(tmp_path))
+    args = reproduce.Args(tasks=["commongen"], seeds=[1], guides=["model", "greedy", "fewshot"],
+                          policy_model="smollm2", runs_dir=str(tmp_path))
     grid = list(reproduce.configs(args))
-    assert {g for _, a, g, _ in grid if a != "ppo"} == {"model", "greedy"} and len(grid) == 1 + 2 * 4
+    assert {g for _, a, g, _ in grid if a != "ppo"} == {"model", "greedy", "fewshot"} and len(grid) == 1 + 3 * 4
+    assert "--guide model --guide-model smollm2-commongen-5shot" in " ".join(
+        reproduce.run_command(args, "commongen", "ppo_plus_plus", "fewshot", 1))
+    assert "--guide-model" not in reproduce.run_command(args, "commongen", "ppo_plus_plus", "model", 1)
     cmd = reproduce.run_command(args, "commongen", "lols", "greedy", 1)
     joined = " ".join(cmd)
     assert "--policy-model smollm2" in joined and "--guide model --guide-top-k 1" in joined
