@@ -206,3 +206,21 @@ def test_mean_and_standard_error():
     m, se = reproduce.mean_se([1.0, 2.0, 6.0])
     assert m == pytest.approx(3.0) and se == pytest.approx((7.0 / 3) ** 0.5)  # sample sd sqrt(7) / sqrt(3)
     assert reproduce.fmt([1.0, 2.0, 6.0]) == f"3.000 ± {(7.0 / 3) ** 0.5:.3f}" and reproduce.fmt([None]) == "-"
+
+
+def test_pad_is_an_existing_unknown_token_when_pad_is_eos(tmp_path):
+    """SmolLM2's own tokenizer pads with its EOS; an unknown-token distinct from EOS and BOS becomes the pad, so
+    the embeddings keep their size; without one the project's pad token is used (added where missing)."""
+    from conftest import train_texts, train_tokenizer
+
+    tok = train_tokenizer(train_texts("commongen", 50), 300, tmp_path / "a")
+    tok.add_special_tokens({"unk_token": "<unk>"})
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(tmp_path / "a")
+    n = len(tok)
+    loaded = models.load_tokenizer(str(tmp_path / "a"))
+    assert loaded.pad_token == "<unk>" and len(loaded) == n and loaded.pad_token_id != loaded.eos_token_id
+    tok.unk_token = tok.eos_token  # GPT-2's case: unk = eos: the project's pad token (this vocabulary has it)
+    tok.save_pretrained(tmp_path / "b")
+    loaded = models.load_tokenizer(str(tmp_path / "b"))
+    assert loaded.pad_token == models.PAD and loaded.pad_token_id != loaded.eos_token_id
