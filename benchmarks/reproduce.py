@@ -12,7 +12,7 @@ keeps only args.json, eval.json and metrics.jsonl (unless --keep-weights). Each 
     RLGF_DATA_DIR=../shared/data python benchmarks/reproduce.py --tasks imdb --seeds 1 2 3
     python benchmarks/reproduce.py --report-only                                     # tables and plots only
     RLGF_DATA_DIR=../shared/data python benchmarks/reproduce.py --policy-model smollm2 --tasks commongen \
-        --guides model greedy --runs-dir results/smollm2/runs --results-dir results/smollm2
+        --guides model fewshot --runs-dir results/smollm2/runs --results-dir results/smollm2
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class Args:
     greedy (the same model decoded greedily, --guide-top-k 1), fewshot (the --policy-model alias with 5 solved
     training examples in its chat template: --guide-model ALIAS-TASK-5shot), rule (commongen and tldr only)"""
     model_guide_tasks: list[str] = field(default_factory=lambda: ["imdb", "commongen", "tldr"])
-    """tasks on which the model and greedy guides run (on CommonGen and TL;DR the embedded guide is the learner's
+    """tasks on which the model, greedy and fewshot guides run (on CommonGen and TL;DR the embedded guide is the learner's
     own start model, so only the rule guide is better than the learner there)"""
     policy_model: str | None = None
     """the learner's start model of every run (and its guide), e.g. smollm2; default: each task's embedded model"""
@@ -225,9 +225,9 @@ def guide_baselines(args: Args, tasks_guides) -> dict:
 
 
 def guide_alone(args: Args, task_name: str, kind: str, n: int | None = None) -> dict:
-    """One guide (model, greedy, fewshot or rule) writing whole responses to the first eval_samples validation prompts,
-    given the prompt text exactly as the runs' guides get it (cut to prompt_tokens, without the learner's chat
-    template; a model guide adds its own)."""
+    """One guide (model, greedy, fewshot or rule) writing whole responses to the first `n` (default: the preset's
+    eval_samples) validation prompts, given the prompt text exactly as the runs' guides get it (cut to
+    prompt_tokens, without the learner's chat template; a model guide adds its own)."""
     import torch
 
     from common import runtime as rt
