@@ -37,11 +37,13 @@ class Args:
     data_dir: str | None = None
     """folder laid out like ../shared/data (JSONL in the hub's schemas); default: $RLGF_DATA_DIR, else the Hub"""
     policy_model: str | None = None
-    """learner's initial model, hub id or folder; default: the task's embedded model (built once, cached)"""
+    """learner's initial model: hub id, folder or smollm2 (SmolLM2-135M-Instruct, made offline once, with its own
+    preset); default: the task's embedded model (built once, cached)"""
     preset: str = "auto"
     """per-task settings: paper (the paper's, and with no --policy-model / --guide-model / --reward-model the
-    paper's hub models and their LoRA / 4-bit set-up), embedded (sized for the offline embedded models), auto
-    (embedded for the embedded models, else the paper's settings for the given model); flags given win"""
+    paper's hub models and their LoRA / 4-bit set-up), embedded (sized for the offline embedded models), smollm2
+    (SmolLM2-135M-Instruct on a laptop CPU), auto (embedded for the embedded models, smollm2 for that model, else
+    the paper's settings for the given model); flags given win"""
     reward_model: str | None = None
     """IMDB: a sentiment classifier (paper: lvwerra/distilbert-imdb), default VADER; TL;DR: a reward model
     (sequence classifier), default ROUGE-L against the reference; unused by CommonGen (CIDEr-D + SPICE)"""
@@ -96,6 +98,9 @@ class Args:
     """response length limit"""
     temperature: float = 1.0
     """sampling temperature, the same in the loss"""
+    chat_template: str = "auto"
+    """instruct models: the task's prompt as the user turn, the response as the assistant turn ended by its
+    end-of-turn token as EOS; auto (on when the tokenizer has a chat template), on or off"""
 
     # batch hierarchy (SPEC 4.7)
     iterations: int | None = None
@@ -251,7 +256,9 @@ def main(args: Args):
                                        rebuild=args.rebuild_models)
     rt.seed_everything(rt.derive_seed(args.seed, "torch", rank))  # each process samples its own rollouts
     tok, policy, ref, critic = rt.build_policy_ref_critic(
-        policy_path, device, args.prompt_tokens + args.max_new_tokens, args.gradient_checkpointing, setup)
+        policy_path, device, args.prompt_tokens + args.max_new_tokens, args.gradient_checkpointing, setup,
+        chat_template=args.chat_template)
+    args = dataclasses.replace(args, chat_template="on" if tok.chat_format else "off")  # resolved, for args.json
     reward_fn = rt.make_reward(task, args.reward_model, train, device, log, setup=setup)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     params = list(policy.parameters()) + list(critic.parameters())

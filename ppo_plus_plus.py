@@ -43,16 +43,19 @@ class Args:
     data_dir: str | None = None
     """folder laid out like ../shared/data (JSONL in the hub's schemas); default: $RLGF_DATA_DIR, else the Hub"""
     policy_model: str | None = None
-    """learner's initial model, hub id or folder; default: the task's embedded model (built once, cached)"""
+    """learner's initial model: hub id, folder or smollm2 (SmolLM2-135M-Instruct, made offline once, with its own
+    preset); default: the task's embedded model (built once, cached)"""
     preset: str = "auto"
     """per-task settings: paper (the paper's, and with no --policy-model / --guide-model / --reward-model the
-    paper's hub models and their LoRA / 4-bit set-up), embedded (sized for the offline embedded models), auto
-    (embedded for the embedded models, else the paper's settings for the given model); flags given win"""
+    paper's hub models and their LoRA / 4-bit set-up), embedded (sized for the offline embedded models), smollm2
+    (SmolLM2-135M-Instruct on a laptop CPU), auto (embedded for the embedded models, smollm2 for that model, else
+    the paper's settings for the given model); flags given win"""
     guide: str = "model"
     """the black-box guide: model (an HF causal LM, --guide-model), rule (our rule-based guide: commongen, tldr) or
     the URL of an OpenAI-compatible server, http://HOST:PORT/v1 (vLLM, llama.cpp, TGI, Ollama, a hosted API)"""
     guide_model: str | None = None
-    """guide model, hub id or folder; default: the task's embedded guide (IMDB: SFT on positive reviews)"""
+    """guide model: hub id, folder or smollm2; default: the policy model when one is given, else the task's embedded
+    guide (IMDB: SFT on positive reviews)"""
     guide_top_p: float | None = None
     """guide's nucleus sampling (paper 0.92); the learner always samples with top_p 1"""
     guide_top_k: int | None = None
@@ -138,6 +141,9 @@ class Args:
     """response length limit"""
     temperature: float = 1.0
     """sampling temperature, the same in the loss"""
+    chat_template: str = "auto"
+    """instruct models: the task's prompt as the user turn, the response as the assistant turn ended by its
+    end-of-turn token as EOS; auto (on when the tokenizer has a chat template), on or off"""
 
     # batch hierarchy (SPEC 4.7)
     iterations: int | None = None
@@ -294,11 +300,14 @@ def main(args: Args):
     rt.seed_everything(rt.derive_seed(args.seed, "torch", rank))  # each process samples its own rollouts
     mix_rng = rt.rng_stream(args.seed, "mix", rank)  # mixing coins and switch points: their own stream
     tok, policy, ref, critic = rt.build_policy_ref_critic(
-        policy_path, device, args.prompt_tokens + args.max_new_tokens, args.gradient_checkpointing, setup)
+        policy_path, device, args.prompt_tokens + args.max_new_tokens, args.gradient_checkpointing, setup,
+        chat_template=args.chat_template)
     # after the policy: a LoRA policy's start model as guide is its base with the adapter off
     guide = rt.build_guide(args.guide, task, guide_path, None, device, top_p=args.guide_top_p, top_k=args.guide_top_k,
                            temperature=args.guide_temperature, min_new_tokens=args.min_new_tokens, policy=policy,
-                           setup=setup, server=ServerOptions.from_args(args))
+                           setup=setup, server=ServerOptions.from_args(args),
+                           chat_template=args.chat_template)
+    args = dataclasses.replace(args, chat_template="on" if tok.chat_format else "off")  # resolved, for args.json
     reward_fn = rt.make_reward(task, args.reward_model, train, device, log, setup=setup)
     eos, pad = tok.eos_token_id, tok.pad_token_id
     params = list(policy.parameters()) + list(critic.parameters())

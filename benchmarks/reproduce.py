@@ -1,16 +1,20 @@
-"""The paper's comparison, in miniature: the initial policy, PPO, PPO++, AggreVaTeD, LOLS and D2LOLS on each
-task's embedded default, with the same iteration budget and several seeds.
+"""The paper's comparison: the initial policy, PPO, PPO++, AggreVaTeD, LOLS and D2LOLS on each task, with the
+same iteration budget and several seeds; by default on each task's embedded model, with --policy-model on a
+real one (smollm2, docs/real-model.md).
 
-Writes `results/README.md` (final validation reward and metrics: every seed's value, mean ± standard error over
-seeds; training diagnostics) and one PNG of learning curves per task into `results/` (mean over seeds with a band
-from the lowest to the highest seed). The hand-written text at the end of `results/README.md`, below the line
-`NOTES_MARK`, is kept as it is. Resumable: every run lives in `<runs-dir>/<algo>-<guide>-<task>-seed<s>`;
-a finished run (eval.json present) is skipped, an interrupted one continues from its last checkpoint, so
-re-running the same command picks up where it stopped.
+Writes `<results-dir>/README.md` (final validation reward and metrics: every seed's value, mean ± standard error
+over seeds; training diagnostics) and one PNG of learning curves per task (mean over seeds with a band from the
+lowest to the highest seed). The hand-written text at the end of the README, below the line `NOTES_MARK`, is
+kept as it is. Resumable: every run lives in `<runs-dir>/<algo>-<guide>-<task>-seed<s>`; a finished run
+(eval.json present) is skipped, an interrupted one continues from its last checkpoint, so re-running the same
+command picks up where it stopped. A finished run keeps only args.json, eval.json and metrics.jsonl (unless
+--keep-weights). Each run gets one torch thread.
 
     RLGF_DATA_DIR=../shared/data python benchmarks/reproduce.py                      # the full grid (hours)
     RLGF_DATA_DIR=../shared/data python benchmarks/reproduce.py --tasks imdb --seeds 1 2 3
     python benchmarks/reproduce.py --report-only                                     # tables and plots only
+    RLGF_DATA_DIR=../shared/data python benchmarks/reproduce.py --policy-model smollm2 --tasks commongen \
+        --guides model fewshot --runs-dir results/smollm2/runs --results-dir results/smollm2
 """
 
 from __future__ import annotations
@@ -34,6 +38,27 @@ sys.path.insert(0, str(ROOT))
 ALGOS = ["ppo", "ppo_plus_plus", "aggrevated", "lols", "d2lols"]
 GUIDED = ALGOS[1:]
 RULE_TASKS = ("commongen", "tldr")  # tasks with a rule-based guide (our addition)
+GUIDE_FLAGS = {
+    "model": ["--guide", "model"],  # the paper's guide: the model guide with the preset's sampling (top-p 0.92)
+    "greedy": ["--guide", "model", "--guide-top-k", "1"],  # the same model guide, decoded greedily: stronger
+    "fewshot": ["--guide", "model"],  # + --guide-model ALIAS-TASK-5shot: the same model, 5 solved train examples
+    "rule": ["--guide", "rule"],  # our rule-based guide (commongen, tldr)
+}
+FEW_SHOT = 5
+MODEL_GUIDES = ("model", "greedy", "fewshot")
+
+
+def guide_flags(args: "Args", task: str, guide: str) -> list[str]:
+    if guide == "fewshot":
+        if not args.policy_model:
+            raise SystemExit("error: the fewshot guide needs --policy-model (a model alias such as smollm2)")
+        return GUIDE_FLAGS[guide] + ["--guide-model", few_shot_name(args, task)]
+    return GUIDE_FLAGS[guide]
+
+
+def few_shot_name(args: "Args", task: str) -> str:
+    return f"{args.policy_model}-{task}-{FEW_SHOT}shot"
+KEPT = ("args.json", "eval.json", "metrics.jsonl")  # what a finished run keeps (see .gitignore)
 
 
 @dataclass
@@ -45,10 +70,14 @@ class Args:
     algos: list[str] = field(default_factory=lambda: list(ALGOS))
     """algorithms to run"""
     guides: list[str] = field(default_factory=lambda: ["model", "rule"])
-    """guides for the guided algorithms (rule only on commongen and tldr)"""
+    """guides for the guided algorithms: model (the paper's: the guide model sampled with the preset's top-p),
+    greedy (the same model decoded greedily, --guide-top-k 1), fewshot (the --policy-model alias with 5 solved
+    training examples in its chat template: --guide-model ALIAS-TASK-5shot), rule (commongen and tldr only)"""
     model_guide_tasks: list[str] = field(default_factory=lambda: ["imdb", "commongen", "tldr"])
-    """tasks on which the model guide runs (on CommonGen and TL;DR the embedded guide is the learner's own
-    start model, so only the rule guide is better than the learner there)"""
+    """tasks on which the model, greedy and fewshot guides run (on CommonGen and TL;DR the embedded guide is the learner's
+    own start model, so only the rule guide is better than the learner there)"""
+    policy_model: str | None = None
+    """the learner's start model of every run (and its guide), e.g. smollm2; default: each task's embedded model"""
     iterations: int | None = None
     """override every run's iteration budget (default: each task's embedded preset)"""
     runs_dir: str = "results/runs"
@@ -60,8 +89,17 @@ class Args:
     extra: str = ""
     """extra arguments passed to every script, e.g. --extra="--bf16 --eval-samples 32" """
     workers: int = 1
-    """runs at once; each gets cores / workers threads (on a 2-core CPU, 2 workers of 1 thread finish the
-    grid sooner than 1 worker of 2 threads)"""
+    """runs at once"""
+    threads: int = 1
+    """torch threads per run (OMP_NUM_THREADS); 0 = cores / workers. On a loaded 2-core CPU a SmolLM2 run with
+    torch's default 2 threads was 5x slower than with 1"""
+    keep_weights: bool = False
+    """keep a finished run's policy, critic, checkpoint and TensorBoard files (default: only """ + ", ".join(KEPT) + """)"""
+    zero_shot: bool = False
+    """only evaluate the start policy zero-shot (learner sampling, chat template on and off) and the guides
+    alone on each task's validation prompts; written to <results-dir>/zero_shot.json"""
+    zero_shot_samples: int | None = None
+    """validation prompts of --zero-shot (default: the preset's eval_samples)"""
 
 
 def configs(args: Args):
@@ -72,7 +110,7 @@ def configs(args: Args):
             for algo in args.algos:
                 guides = ["-"] if algo == "ppo" else [
                     g for g in args.guides
-                    if (g == "model" and task in args.model_guide_tasks) or (g == "rule" and task in RULE_TASKS)]
+                    if (g in MODEL_GUIDES and task in args.model_guide_tasks) or (g == "rule" and task in RULE_TASKS)]
                 for guide in guides:
                     yield task, algo, guide, seed
 
@@ -81,10 +119,9 @@ def run_name(task, algo, guide, seed):
     return f"{algo}-{guide.strip('-') or 'none'}-{task}-seed{seed}"
 
 
-def run_one(args: Args, task, algo, guide, seed) -> bool:
+def run_command(args: Args, task, algo, guide, seed) -> list[str]:
+    """The script's command line for one run: a fresh start, or --resume from the run's last checkpoint."""
     run_dir = Path(args.runs_dir) / run_name(task, algo, guide, seed)
-    if (run_dir / "eval.json").exists():
-        return True
     cmd = [sys.executable, str(ROOT / f"{algo}.py"), "--task", task, "--seed", str(seed)]
     if (run_dir / "checkpoint.pt").exists():
         cmd += ["--resume", str(run_dir)]
@@ -92,20 +129,46 @@ def run_one(args: Args, task, algo, guide, seed) -> bool:
         if run_dir.exists():  # a run killed before its first checkpoint: nothing to keep, and a new run refuses it
             shutil.rmtree(run_dir)
         cmd += ["--output-dir", args.runs_dir, "--run-name", run_dir.name]
+    if args.policy_model:
+        cmd += ["--policy-model", args.policy_model]
     if guide != "-":
-        cmd += ["--guide", guide]
+        cmd += guide_flags(args, task, guide)
     if args.iterations:
         cmd += ["--iterations", str(args.iterations)]
-    cmd += shlex.split(args.extra)
+    return cmd + shlex.split(args.extra)
+
+
+def prune_run(run_dir: Path, finished: bool = True) -> None:
+    """A finished run keeps only its arguments, metrics and evaluation: no weights (a SmolLM2 run writes ~4 GB);
+    an interrupted one also its last checkpoint and TensorBoard files (the policy and critic saved on an
+    interrupt are made again at the end)."""
+    import shutil
+
+    for p in run_dir.iterdir():
+        if p.name not in KEPT and (finished or not (p.name == "checkpoint.pt" or p.name.startswith("events."))):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def run_one(args: Args, task, algo, guide, seed) -> bool:
+    run_dir = Path(args.runs_dir) / run_name(task, algo, guide, seed)
+    if (run_dir / "eval.json").exists():
+        if not args.keep_weights:
+            prune_run(run_dir)  # e.g. a run that finished while the grid was being stopped
+        return True
+    if run_dir.is_dir() and not args.keep_weights:  # an interrupted run: only its checkpoint matters
+        prune_run(run_dir, finished=False)
+    cmd = run_command(args, task, algo, guide, seed)
     print(f"[{time.strftime('%H:%M:%S')}] start {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     res = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     if res.returncode != 0:
         print(f"  {run_dir.name} failed ({res.returncode}): "
               f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ''}", flush=True)
         return False
+    if not args.keep_weights:
+        prune_run(run_dir)
     print(f"[{time.strftime('%H:%M:%S')}] {run_dir.name} done in {time.time() - t0:.0f}s", flush=True)
     return True
 
@@ -142,40 +205,103 @@ def diagnostics(metrics: list[dict]) -> dict:
             "guide-only reward": mean(late, "guide/reward_guide_only")}
 
 
+def _setting(args: Args, task_name: str) -> tuple:
+    """(preset settings, policy folder, guide folder, data folder) of a task's runs."""
+    from common import runtime as rt
+    from common.presets import PRESETS, preset_for
+    from common.tasks import get_task, resolve_data_dir
+
+    task, data_dir = get_task(task_name), resolve_data_dir(None)
+    policy_path, guide_path = rt.resolve_models(task, args.policy_model, None, data_dir, 0, 1, need_guide=True)
+    return PRESETS[preset_for(args.policy_model)][task_name], policy_path, guide_path, data_dir
+
+
 def guide_baselines(args: Args, tasks_guides) -> dict:
     """The guide alone on the validation prompts (the same prompts, reward and metrics as the runs' evaluation):
-    the paper's premise is a guide better than the learner's start. Cached in results/guides.json."""
+    the paper's premise is a guide better than the learner's start. Cached in <results-dir>/guides.json."""
     path = Path(args.results_dir) / "guides.json"
     cache = json.loads(path.read_text()) if path.exists() else {}
     todo = [(t, g) for t, g in tasks_guides if f"{t}/{g}" not in cache]
     if todo:
-        import torch
-
-        from common import runtime as rt
-        from common.metrics import compute_metrics
-        from common.presets import EMBEDDED
-        from common.tasks import get_task, resolve_data_dir
-
         for task_name, kind in todo:
-            task, data_dir = get_task(task_name), resolve_data_dir(None)
-            policy_path, guide_path = rt.resolve_models(task, None, None, data_dir, 0, 1, need_guide=True)
-            pre = EMBEDDED[task_name]
-            guide = rt.build_guide(kind, task, guide_path, None, torch.device("cpu"), top_p=pre["guide_top_p"],
-                                   top_k=pre["guide_top_k"], temperature=1.0, min_new_tokens=task.min_new_tokens)
-            val = task.load("validation", data_dir, limit=pre["eval_samples"])
-            tok = rt.load_tokenizer(policy_path)  # the prompts exactly as the learner sees them (cut to prompt_tokens)
-            seen = tok.batch_decode(rt.encode_prompts(task, tok, val, pre["prompt_tokens"]))
-            prompts, refs = [e.prompt for e in val], [e.references for e in val]  # as the runs' evaluation
-            torch.manual_seed(1234)
-            responses = [text for text, _ in guide.complete(seen, [""] * len(val), [task.max_new_tokens] * len(val))]
-            reward_fn = rt.make_reward(task, None, task.load("train", data_dir), "cpu", log=lambda *a: None)
-            m = {"reward": float(np.mean(reward_fn(prompts, responses, refs)))}
-            m.update(compute_metrics(task_name, prompts, responses, refs, [e.meta for e in val]))
-            cache[f"{task_name}/{kind}"] = m
+            cache[f"{task_name}/{kind}"] = m = guide_alone(args, task_name, kind)
             print(f"guide {task_name}/{kind}: {m}", flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cache, indent=1) + "\n")
     return cache
+
+
+def guide_alone(args: Args, task_name: str, kind: str, n: int | None = None) -> dict:
+    """One guide (model, greedy, fewshot or rule) writing whole responses to the first `n` (default: the preset's
+    eval_samples) validation prompts, given the prompt text exactly as the runs' guides get it (cut to
+    prompt_tokens, without the learner's chat template; a model guide adds its own)."""
+    import torch
+
+    from common import runtime as rt
+    from common.chat import setup_chat, task_ids
+    from common.metrics import compute_metrics
+    from common.tasks import get_task
+
+    task = get_task(task_name)
+    pre, policy_path, guide_path, data_dir = _setting(args, task_name)
+    if kind == "fewshot":
+        from common.models import resolve_model_alias
+
+        guide_path = resolve_model_alias(few_shot_name(args, task_name), data_dir=data_dir)
+    guide = rt.build_guide("rule" if kind == "rule" else "model", task, guide_path, None, torch.device("cpu"),
+                           top_p=pre["guide_top_p"], top_k=1 if kind == "greedy" else pre["guide_top_k"],
+                           temperature=1.0, min_new_tokens=task.min_new_tokens, chat_template="auto")
+    val = task.load("validation", data_dir, limit=n or pre["eval_samples"])
+    tok = rt.load_tokenizer(policy_path)  # the prompts exactly as the learner sees them (cut to prompt_tokens)
+    setup_chat(tok, "auto")
+    seen = [tok.decode(task_ids(tok, q)) for q in rt.encode_prompts(task, tok, val, pre["prompt_tokens"])]
+    prompts, refs = [e.prompt for e in val], [e.references for e in val]  # as the runs' evaluation
+    torch.manual_seed(1234)
+    responses = [text for text, _ in guide.complete(seen, [""] * len(val), [task.max_new_tokens] * len(val))]
+    reward_fn = rt.make_reward(task, None, task.load("train", data_dir), "cpu", log=lambda *a: None)
+    m = {"reward": float(np.mean(reward_fn(prompts, responses, refs)))}
+    m.update(compute_metrics(task_name, prompts, responses, refs, [e.meta for e in val]))
+    return m
+
+
+def zero_shot(args: Args) -> dict:
+    """The start policy sampled as the learner samples (temperature 1, top_k 0, top_p 1), chat template on and
+    off, and the guides alone, on each task's first eval_samples validation prompts (the runs' evaluation)."""
+    import types
+
+    import torch
+
+    from common import runtime as rt
+    from common.chat import has_chat_template, setup_chat
+    from common.tasks import get_task
+
+    out = {}
+    for task_name in args.tasks:
+        task = get_task(task_name)
+        pre, policy_path, _, data_dir = _setting(args, task_name)
+        val = task.load("validation", data_dir, limit=args.zero_shot_samples or pre["eval_samples"])
+        reward_fn = rt.make_reward(task, None, task.load("train", data_dir), "cpu", log=lambda *a: None)
+        tok = rt.load_tokenizer(policy_path)
+        policy = rt.load_causal_lm(policy_path, tok, torch.device("cpu"))
+        for mode in (("on", "off") if has_chat_template(tok) else ("off",)):
+            tok = rt.load_tokenizer(policy_path)
+            setup_chat(tok, mode)
+            settings = types.SimpleNamespace(prompt_tokens=pre["prompt_tokens"], max_new_tokens=task.max_new_tokens,
+                                             min_new_tokens=task.min_new_tokens, temperature=1.0)
+            t0 = time.time()
+            m, _ = rt.evaluate(policy, policy, tok, task, val, reward_fn, settings, torch.device("cpu"))
+            out[f"{task_name}/learner/chat-{mode}"] = {**m, "seconds": round(time.time() - t0, 1)}
+            print(f"{task_name} learner chat {mode}: {out[f'{task_name}/learner/chat-{mode}']}", flush=True)
+        guides = [g for g in args.guides if g != "rule" or task_name in RULE_TASKS]
+        for kind in guides:
+            t0 = time.time()
+            m = guide_alone(args, task_name, kind, args.zero_shot_samples)
+            out[f"{task_name}/guide/{kind}"] = {**m, "seconds": round(time.time() - t0, 1)}
+            print(f"{task_name} guide {kind}: {out[f'{task_name}/guide/{kind}']}", flush=True)
+    path = Path(args.results_dir) / "zero_shot.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"policy_model": args.policy_model, "results": out}, indent=1) + "\n")
+    return out
 
 
 # the metrics a task's headline tables and plots show, besides the reward (TL;DR's offline reward is ROUGE-L)
@@ -228,9 +354,10 @@ def report(args: Args):
     out.mkdir(parents=True, exist_ok=True)
     tasks = [t for t in args.tasks if any(k[0] == t for k in rows)]
     kinds = sorted({g for (_, _, g) in rows if g != "-"})
-    lines = ["# Results: the paper's comparison in miniature", "",
-             "Generated by `benchmarks/reproduce.py` from the run folders in `results/runs/` (`eval.json`, "
-             "`metrics.jsonl`, `args.json`): final validation metrics of each task's embedded default models, "
+    model = f"`{args.policy_model}` as the start model and guide" if args.policy_model else "each task's embedded default models"
+    lines = ["# Results: the paper's comparison" + ("" if args.policy_model else " in miniature"), "",
+             f"Generated by `benchmarks/reproduce.py` from the run folders in `{args.runs_dir}/` (`eval.json`, "
+             f"`metrics.jsonl`, `args.json`): final validation metrics with {model}, "
              "mean ± standard error over seeds (SE = sample standard deviation / sqrt(n), `n` = seeds finished), "
              "every seed's value, training diagnostics, and learning curves (`<task>.png`: the mean over seeds, "
              "the band from the lowest to the highest seed).", ""]
@@ -265,7 +392,7 @@ def report(args: Args):
         cells = [(k, v) for k, v in rows.items() if k[0] == task]
         metric_keys = [m for m in cells[0][1][0]["final"] if m not in ("response_length",)]
         keys = ("iterations", "rollouts_per_iteration", "minibatch_size", "n_epochs", "lr", "kl_coef", "eval_samples",
-                "bf16")
+                "bf16", "chat_template", "guide_top_p")
         seen = {k: [] for k in keys}
         for (_, a, g), runs in cells:
             for r in runs:
@@ -346,8 +473,18 @@ def plot(task, cells, path: Path, metrics=("reward",)):
 
 
 def main(args: Args):
+    if args.zero_shot:
+        zero_shot(args)
+        return
     if not args.report_only:
-        if args.workers > 1:  # build each task's embedded models once, before runs race to build them
+        if args.policy_model:  # a model alias is made once, before runs race to make it
+            from common.models import resolve_model_alias
+
+            resolve_model_alias(args.policy_model)
+            if "fewshot" in args.guides:
+                for task in args.tasks:
+                    resolve_model_alias(few_shot_name(args, task))
+        elif args.workers > 1:  # build each task's embedded models once, before runs race to build them
             from common.models import embedded_models
             from common.tasks import get_task, resolve_data_dir
 

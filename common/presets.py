@@ -4,8 +4,10 @@
   selects the paper's models for whatever `--policy-model`, `--guide-model` and `--reward-model` leave out,
   and their set-up (TL;DR: LoRA r 8 / alpha 64 on a 4-bit GPT-J, where the script has those fields).
 - `embedded`: the offline default models: the same method, sized to finish in minutes on a 2-core CPU.
-- `auto` (the default): `embedded` for the embedded default models, `paper`'s numbers (not its models) for a
-  model given with `--policy-model` (`auto_preset`).
+- `smollm2`: SmolLM2-135M-Instruct (`--policy-model smollm2`): full fine-tuning sized for a laptop CPU.
+- `auto` (the default): `embedded` for the embedded default models, `smollm2` for that model (the alias or
+  the folder it made), `paper`'s numbers (not its models) for any other model given with `--policy-model`
+  (`auto_preset`).
 
 A field given on the command line always wins; a preset key that is not a field of the script's `Args` is
 ignored.
@@ -14,7 +16,9 @@ ignored.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from pathlib import Path
 
 from common.errors import UsageError
 
@@ -55,6 +59,24 @@ EMBEDDED = {
 }
 
 
+# SmolLM2-135M-Instruct (134.5M parameters, full fine-tuning, fp32 unless --bf16), sized so that one run of a
+# five-algorithm x 3-seed grid takes minutes on a laptop CPU, one thread per run (docs/real-model.md: ~30-50 s
+# per CommonGen iteration of 16 rollouts x 2 epochs). Method settings are the paper's; the fewer, smaller
+# iterations take a larger learning rate (not tuned) and a small KL penalty. tau keeps the paper's share of the
+# run (CommonGen 100 of 500, TL;DR 200 of 1000, IMDB 20 of 50). The guide is the paper's: the learner's start
+# model sampled with top-p 0.92. With the chat template it is already much better than the learner's
+# temperature-1 samples (zero-shot CommonGen CIDEr-D: greedy 0.553, sampled 0.193; docs/real-model.md).
+SMOLLM2 = {
+    "commongen": {**PAPER["commongen"], **dict(iterations=20, rollouts_per_iteration=16, minibatch_size=8,
+                                                n_epochs=2, kl_coef=0.01, lr=1e-5, prompt_tokens=32,
+                                                eval_interval=5, eval_samples=100, tau=4)},
+    "imdb": {**PAPER["imdb"], **dict(iterations=10, rollouts_per_iteration=8, minibatch_size=4, n_epochs=2,
+                                      kl_coef=0.02, lr=1e-5, eval_interval=5, eval_samples=32, tau=4)},
+    "tldr": {**PAPER["tldr"], **dict(iterations=10, rollouts_per_iteration=8, minibatch_size=4, n_epochs=2,
+                                      kl_coef=0.02, lr=1e-5, prompt_tokens=256, eval_interval=5, eval_samples=32,
+                                      tau=2)},
+}
+
 # The paper's models per task (SPEC section 3), chosen by an explicit `--preset paper`. TL;DR's policy is GPT-J
 # 6B in 4-bit with LoRA r 8 / alpha 64, its reward a LoRA adapter on GPT-J; CommonGen's policy is T5.
 PAPER_MODELS = {
@@ -67,14 +89,30 @@ PAPER_MODELS = {
 }
 
 # preset name -> per-task settings; MODELS: preset name -> per-task models a preset named explicitly selects
-PRESETS = {"paper": PAPER, "embedded": EMBEDDED}
+PRESETS = {"paper": PAPER, "embedded": EMBEDDED, "smollm2": SMOLLM2}
 MODELS = {"paper": PAPER_MODELS}
 MODEL_FIELDS = ("policy_model", "guide_model", "reward_model")
 
 
-def auto_preset(policy_model: str | None) -> str:
-    """The preset `--preset auto` stands for: `embedded` for the embedded default models, else `paper`."""
-    return "embedded" if policy_model is None else "paper"
+def preset_for(policy_model: str | None) -> str:
+    """The preset a policy model gets by default: `embedded` without one, a model alias's own preset for the
+    alias (`smollm2`) or the folder it made (its info.json names the alias), else `paper`."""
+    if policy_model is None:
+        return "embedded"
+    if policy_model in PRESETS and not os.path.exists(policy_model):
+        return policy_model
+    info = Path(os.path.expanduser(policy_model)) / "info.json"
+    if info.is_file():
+        try:
+            alias = json.loads(info.read_text()).get("alias")
+        except (ValueError, AttributeError):
+            alias = None
+        if alias in PRESETS:
+            return alias
+    return "paper"
+
+
+auto_preset = preset_for  # what `--preset auto` stands for
 
 
 def preset_values(preset: str, task_name: str, policy_model: str | None) -> tuple[str, dict]:

@@ -24,7 +24,8 @@ from common.errors import RunFailed, UsageError, exit_code
 from common.lora import LoraPolicy, ModelSetup, make_adapter_critic, wrap_policy
 from common.generation import (ValueModel, decode, forward_response, left_pad, position_limit, right_pad, sample,
                                set_bf16)
-from common.models import EMBEDDED, _no_dropout, embedded_models, load_causal_lm, load_tokenizer
+from common.chat import setup_chat, template_length
+from common.models import _no_dropout, embedded_models, load_causal_lm, load_tokenizer, resolve_model_alias
 from common.tasks import TASKS, Task, encode_prompt
 
 
@@ -187,9 +188,15 @@ def check_batch_sizes(rollouts: int, minibatch: int, micro: int, world: int):
 # ---------------------------------------------------------------------------------------------------
 def resolve_models(task: Task, policy_model: str | None, guide_model: str | None, data_dir: str | None,
                    rank: int, world: int, log=print, need_guide: bool = False, rebuild: bool = False):
-    """Hub id / folder for the policy (and the guide, when asked); the task's embedded defaults (built
-    once by rank 0, cached; `rebuild`: built again) for whatever is not given. A given policy without a
-    guide is its own guide."""
+    """Hub id / folder for the policy (and the guide, when asked); a model alias (`smollm2`) becomes its
+    cached folder (made once by rank 0); the task's embedded defaults (built once by rank 0, cached;
+    `rebuild`: built again) for whatever is not given. A given policy without a guide is its own guide."""
+    if rank == 0:  # aliases are made once, by rank 0
+        resolve_model_alias(policy_model, log, data_dir), resolve_model_alias(guide_model, log, data_dir)
+    if world > 1:
+        dist.barrier()
+    policy_model = resolve_model_alias(policy_model, log, data_dir)
+    guide_model = resolve_model_alias(guide_model, log, data_dir)
     guide_model = guide_model or (policy_model if need_guide else None)
     if policy_model and (guide_model or not need_guide):
         return policy_model, guide_model
@@ -210,18 +217,21 @@ def model_setup(args, device) -> ModelSetup:
 
 
 def build_policy_ref_critic(policy_path: str, device, context: int, gradient_checkpointing: bool = False,
-                            setup: ModelSetup | None = None):
+                            setup: ModelSetup | None = None, chat_template: str = "off"):
     """The learner, its frozen reference (KL penalty) and a critic on the same initial backbone.
     `context` = prompt tokens + new tokens must fit the model's positions. An encoder-decoder model (read from its
     config) gets the same three: its LM, a copy, and a critic on its encoder-decoder backbone.
     `gradient_checkpointing`: the trained models recompute each layer in the backward instead of keeping its
-    activations.
+    activations. `chat_template` (auto, on, off): the tokenizer is set up for it (common.chat.setup_chat);
+    the resolved mode is `tok.chat_format is not None`, and the template's tokens count toward `context`.
 
     Full fine-tuning: the reference is a frozen copy, the critic a separate model. With LoRA (`setup.lora`):
     one base in memory (4/8-bit when asked); the policy is its `default` adapter, the reference the base with
     the adapters off, the critic an adapter + head on it (`--critic adapter`) or a separate model (common.lora)."""
     setup = setup or ModelSetup()
     tok = load_tokenizer(policy_path)
+    setup_chat(tok, chat_template)
+    context += template_length(tok)
     policy = load_causal_lm(policy_path, tok, _load_device(device), "--policy-model",
                             quantization=setup.quantization_config())
     limit = position_limit(policy)
@@ -493,7 +503,7 @@ def check_settings(args, world: int) -> None:
     least 1, non-negative seeds and coefficients, probabilities in [0, 1], the device, the guide for the task,
     model paths and the batch hierarchy. A script's own settings are checked by its check_args."""
     from common.guides import RULE_GUIDES
-    from common.models import check_model_path
+    from common.models import check_model_path, is_model_alias
 
     def value(name):
         return getattr(args, name, None)
@@ -531,7 +541,7 @@ def check_settings(args, world: int) -> None:
     if args.task == "commongen" and args.reward_model:
         raise UsageError("--reward-model is not used by commongen (its reward is CIDEr-D + SPICE)")
     for name in ("policy_model", "guide_model", "reward_model"):
-        if value(name):
+        if value(name) and not is_model_alias(value(name)):
             check_model_path(value(name), _flag(name))
     check_batch_sizes(args.rollouts_per_iteration, args.minibatch_size, args.micro_batch_size, world)
 
@@ -820,12 +830,15 @@ def reference_nll(model, tok, task: Task, examples, qi, qm, args) -> torch.Tenso
 
 
 def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, device, *, top_p: float, top_k: int,
-                temperature: float, min_new_tokens: int, policy=None, setup: ModelSetup | None = None, server=None):
+                temperature: float, min_new_tokens: int, policy=None, setup: ModelSetup | None = None, server=None,
+                chat_template: str = "off"):
     """The frozen black-box guide: `model` (an HF causal or encoder-decoder LM, default the task's embedded
     guide), `rule` (our rule-based guide for CommonGen and TL;DR) or the URL of an OpenAI-compatible server
     (`http://HOST:PORT/v1`), reached as `server` (a `common.guides.ServerOptions`) says. A model guide that is a
     LoRA policy's own start model (same path) is that policy's base with the adapters off, not a second copy; any
-    other model guide is loaded (4/8-bit with the policy, `setup`). Loading leaves the random streams alone."""
+    other model guide is loaded (4/8-bit with the policy, `setup`). Loading leaves the random streams alone. A
+    model guide keeps its own chat template, applied to its own prompt, whenever its tokenizer has one and
+    `chat_template` is not off."""
     from common.guides import RULE_GUIDES, CallableGuide, HFGuide, ServerOptions, build_server_guide, is_server_url
 
     server = server or ServerOptions()
@@ -845,6 +858,7 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
     if kind != "model":
         raise UsageError(f"--guide must be model, rule or a server URL (http://HOST:PORT/v1), not {kind!r}")
     gtok = load_tokenizer(guide_path)
+    setup_chat(gtok, "off" if chat_template == "off" else "auto")
     if isinstance(policy, LoraPolicy) and guide_path == policy.path:
         model = policy.reference()
     else:

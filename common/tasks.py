@@ -263,7 +263,14 @@ TLDR_MARK = "TL;DR:"
 
 
 def encode_prompt(task: Task, tokenizer, prompt: str, max_tokens: int) -> list[int]:
-    """Token ids of one prompt, at most `max_tokens` long, cut the way the task asks."""
+    """Token ids of one prompt, its text at most `max_tokens` long, cut the way the task asks; with the
+    tokenizer's chat template on (common.chat), the template goes around the cut text and is never cut."""
+    from common.chat import wrap
+
+    return wrap(tokenizer, _cut_prompt(task, tokenizer, prompt, max_tokens))
+
+
+def _cut_prompt(task: Task, tokenizer, prompt: str, max_tokens: int) -> list[int]:
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if len(ids) <= max_tokens:
         return ids

@@ -1,0 +1,96 @@
+"""Chat-template prompts for instruct models (`--chat-template auto|on|off`).
+
+With the template on, the task's prompt is the user turn and the response is the assistant turn: a query is
+`before + task prompt ids + after`, where `before` holds whatever the template puts ahead of the user's text
+(e.g. a system turn and `<|im_start|>user\\n`) and `after` closes the user turn and opens the assistant's
+(`<|im_end|>\\n<|im_start|>assistant\\n`, the generation prompt). The token that ends the assistant turn
+(`<|im_end|>`) becomes the tokenizer's EOS: the learner samples it, is rewarded on it, and it is trained.
+
+The format travels with the tokenizer (`tok.chat_format`, set by `setup_chat`), so every place that encodes a
+prompt (sampling, the training forward, evaluation, the reference NLL) uses the same ids through
+`common.tasks.encode_prompt`, and the guide side can strip the template again (`task_ids`) to hand a guide the
+task's own text. Prompt truncation cuts the task text, never the template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.errors import UsageError
+
+MODES = ("auto", "on", "off")
+_MARK = "RLGFCHATMARK"  # stands for the user's / the assistant's text while the template is rendered
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    before: list[int]
+    """template ids ahead of the user's text"""
+    after: list[int]
+    """template ids after the user's text, the assistant turn's opening (generation prompt) included"""
+    end_of_turn: int
+    """the token that ends the assistant turn: the EOS in chat mode"""
+
+
+def has_chat_template(tok) -> bool:
+    return bool(getattr(tok, "chat_template", None))
+
+
+def chat_format(tok) -> ChatFormat:
+    """The template's ids around a user turn, and its end-of-turn token, read by rendering the template around
+    a marker (pieces are tokenised apart, so the task text's ids are the same with or without the template)."""
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": _MARK}], add_generation_prompt=True,
+                                       tokenize=False)
+        turn = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": _MARK}],
+                                       tokenize=False)
+    except Exception as e:  # a template that cannot render a plain user / assistant exchange
+        raise UsageError(f"the tokenizer's chat template cannot render a user turn ({type(e).__name__}: "
+                         f"{str(e)[:100]}): pass --chat-template off") from None
+    if text.count(_MARK) != 1 or turn.count(_MARK) != 1:
+        raise UsageError("the tokenizer's chat template does not show the user's text once: pass --chat-template off")
+    before, after = text.split(_MARK)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
+    tail = enc(turn.split(_MARK)[1])
+    special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
+    end = tail[0] if tail and tail[0] in special else tok.eos_token_id
+    return ChatFormat(before=enc(before), after=enc(after), end_of_turn=end)
+
+
+def setup_chat(tok, mode: str) -> str:
+    """Resolve `mode` (auto = on when the tokenizer has a chat template) and set the tokenizer up for it:
+    `tok.chat_format` (None when off) and, when on, the end-of-turn token as EOS. Returns 'on' or 'off'."""
+    if mode not in MODES:
+        raise UsageError(f"--chat-template must be auto, on or off, not {mode!r}")
+    on = has_chat_template(tok) if mode == "auto" else mode == "on"
+    if on and not has_chat_template(tok):
+        raise UsageError("--chat-template on, but the tokenizer has no chat template: pass auto or off")
+    tok.chat_format = chat_format(tok) if on else None
+    if on and tok.chat_format.end_of_turn != tok.eos_token_id:
+        tok.eos_token = tok.convert_ids_to_tokens(tok.chat_format.end_of_turn)
+    if tok.pad_token_id == tok.eos_token_id:
+        raise UsageError(f"the pad token {tok.pad_token!r} is the end-of-turn token: the tokenizer needs a pad "
+                         "token distinct from EOS")
+    return "on" if on else "off"
+
+
+def wrap(tok, ids: list[int]) -> list[int]:
+    """Task prompt ids -> query ids (the template around them when the tokenizer's chat format is on)."""
+    fmt = getattr(tok, "chat_format", None)
+    return ids if fmt is None else fmt.before + ids + fmt.after
+
+
+def template_length(tok) -> int:
+    fmt = getattr(tok, "chat_format", None)
+    return 0 if fmt is None else len(fmt.before) + len(fmt.after)
+
+
+def task_ids(tok, query: list[int]) -> list[int]:
+    """The task prompt's ids inside a query made by `wrap` (the query itself when the template is off)."""
+    fmt = getattr(tok, "chat_format", None)
+    if fmt is None:
+        return query
+    nb, na = len(fmt.before), len(fmt.after)
+    if query[:nb] != fmt.before or query[len(query) - na:] != fmt.after:
+        raise ValueError("a query without the chat template reached a chat-template tokenizer")
+    return query[nb: len(query) - na]
