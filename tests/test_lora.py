@@ -25,6 +25,7 @@ from common import runtime as rt  # noqa: E402
 from common.errors import UsageError  # noqa: E402
 from common.generation import forward_response, left_pad, right_pad, sample  # noqa: E402
 from common.lora import AdapterView, LoraPolicy, ModelSetup, adapter_parameters  # noqa: E402
+from test_guided import length_reward  # noqa: E402
 
 SCRIPTS = {"ppo": ppo, "ppo_plus_plus": ppo_plus_plus, "aggrevated": aggrevated, "lols": lols, "d2lols": d2lols}
 TASKS = ("imdb", "commongen", "tldr")
@@ -231,6 +232,7 @@ def test_training_moves_only_adapters_and_heads(llama, tmp_path):
             return real_adamw(params, **kw)
 
         mp.setattr(torch.optim, "AdamW", adamw)
+        mp.setattr(rt, "make_reward", lambda *a, **k: length_reward)  # CIDEr-D of a random model is often all 0
         ppo.main(_args(ppo, "commongen", path, tmp_path, lr=1e-2, iterations=2, merge_lora=True))
     tok, policy, ref, critic = spy.built[0]
     lm_names = {id(p): n for n, p in policy.lm.named_parameters()}
@@ -269,6 +271,7 @@ def test_guide_samples_come_from_the_frozen_base(llama, tmp_path):
     path = llama()
     with pytest.MonkeyPatch.context() as mp:
         spy = Spy(mp)
+        mp.setattr(rt, "make_reward", lambda *a, **k: length_reward)  # CIDEr-D of a random model is often all 0
         ppo_plus_plus.main(_args(ppo_plus_plus, "commongen", path, tmp_path, lr=5e-2, beta=1.0, iterations=3))
     tok, policy, _, _ = spy.built[0]
     guide = spy.guides[0]

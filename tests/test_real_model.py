@@ -43,7 +43,7 @@ def test_preset_follows_the_policy_model(tmp_path):
         assert SMOLLM2[task]["guide_top_p"] == PAPER[task]["guide_top_p"] == 0.92
         assert SMOLLM2[task]["rollouts_per_iteration"] % SMOLLM2[task]["minibatch_size"] == 0
         assert 0 < SMOLLM2[task]["tau"] < SMOLLM2[task]["iterations"]
-    with pytest.raises(UsageError, match="unknown preset"):
+    with pytest.raises(UsageError, match="--preset must be"):
         fill_presets(ppo.Args(), "imdb", "big")
 
 
