@@ -83,7 +83,15 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
+        self._done()  # before the answer leaves: a client may send its next request the moment it has it
         self.wfile.write(data)
+
+    def _done(self) -> None:
+        """This request no longer counts as in flight (once)."""
+        if getattr(self, "_in_flight", False):
+            self._in_flight = False
+            with self.state.lock:
+                self.state.in_flight -= 1
 
     def do_GET(self):
         s = self.state
@@ -111,6 +119,7 @@ class Handler(BaseHTTPRequestHandler):
             s.in_flight += 1
             s.max_concurrent = max(s.max_concurrent, s.in_flight)
             fail = s.requests <= s.args.fail_first
+        self._in_flight = True
         try:
             delay = float(body.get("delay", s.args.delay))  # a test may ask for a slow answer
             if delay:
@@ -138,12 +147,11 @@ class Handler(BaseHTTPRequestHandler):
             if last:  # the server dies mid-run, once the answers already being sent are out
                 self.wfile.flush()
                 deadline = time.time() + 5
-                while s.in_flight > 1 and time.time() < deadline:
+                while s.in_flight > 0 and time.time() < deadline:
                     time.sleep(0.01)
                 os._exit(0)
         finally:
-            with s.lock:
-                s.in_flight -= 1
+            self._done()
 
 
 def main(argv=None):
