@@ -354,7 +354,7 @@ def _sample_seq2seq(model, queries, *, max_new_tokens: int, min_new_tokens: int,
     enc_ids, enc_mask = right_pad([queries[i] for i in rows], pad_id, device=device)
     dev = enc_ids.device
     with _autocast(dev):
-        encoded = base.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask)
+        encoded = _encoder(model)(input_ids=enc_ids, attention_mask=enc_mask)
     row_idx = torch.tensor(rows, device=dev)
     plen = torch.tensor([len(prefixes[i]) for i in rows], device=dev)  # forced tokens of each batch row
     forced = right_pad([prefixes[i] for i in rows], pad_id, width=max_new_tokens, device=dev)[0]
@@ -412,6 +412,12 @@ _PACKING_WORKS: dict = {}
 
 def _base(model):
     return getattr(model, "module", model)  # DDP wraps the model
+
+
+def _encoder(model):
+    """An encoder-decoder model's encoder; a LoRA view's (common.lora) runs with the view's adapter."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return inner.get_encoder()
 
 
 def packing_works(model) -> bool:
@@ -666,9 +672,13 @@ class ValueModel(torch.nn.Module):
         of the previous token, like the logits. [B, T]. `pack` as in `forward_response`."""
         B, T = response_ids.shape
         if is_seq2seq(self.backbone):  # decoder position t reads [start] + y_<t: the state before token t
+            # a whole seq2seq LM as backbone (a LoRA critic adapter on the policy's base) has no head-less output:
+            # its decoder's last hidden states are read (its LM head runs too, unused)
+            whole_lm = self.backbone.get_output_embeddings() is not None
             with _autocast(query_ids.device):
-                hidden = self.backbone(**seq2seq_inputs(self.backbone, query_ids, query_mask, response_ids),
-                                       use_cache=False).last_hidden_state
+                out = self.backbone(**seq2seq_inputs(self.backbone, query_ids, query_mask, response_ids),
+                                    use_cache=False, output_hidden_states=whole_lm)
+            hidden = out.decoder_hidden_states[-1] if whole_lm else out.last_hidden_state
             return self.head(hidden.float()).squeeze(-1)
         groups = _layout(self.backbone, query_mask, response_mask, pack)
         if groups is not None:

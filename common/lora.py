@@ -109,7 +109,8 @@ class ModelSetup:
 
         conv1d = any(isinstance(m, Conv1D) for m in model.modules())  # GPT-2's layers store weights transposed
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=targets, bias="none", task_type=TaskType.CAUSAL_LM, fan_in_fan_out=conv1d)
+                          target_modules=targets, bias="none", fan_in_fan_out=conv1d,
+                          task_type=TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -186,6 +187,16 @@ class AdapterView:
         head = self.module.get_output_embeddings()
         return None if head is None else AdapterView(head, self.root, self.adapter)
 
+    def get_encoder(self):
+        """An encoder-decoder model's encoder, run with this view's adapter (its layers carry LoRA too)."""
+        encoder = self.module.get_encoder()
+
+        def run(*args, **kwargs):
+            with use_adapter(self.root, self.adapter):
+                return encoder(*args, **kwargs)
+
+        return run
+
     def parameters(self):
         return (p for n, p in self.module.named_parameters() if "lora_" not in n)
 
@@ -223,6 +234,9 @@ class LoraPolicy(torch.nn.Module):
     def get_output_embeddings(self):
         return self.view.get_output_embeddings()
 
+    def get_encoder(self):
+        return self.view.get_encoder()
+
     def reference(self) -> AdapterView:
         """The same base with every adapter off: the policy's start model."""
         return AdapterView(self.lm, self.lm, None)
@@ -244,9 +258,10 @@ class LoraPolicy(torch.nn.Module):
         tok.save_pretrained(str(folder))
         if merged_folder is not None:
             from peft import PeftModel
-            from transformers import AutoModelForCausalLM
+            from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-            base = AutoModelForCausalLM.from_pretrained(os.path.expanduser(self.path))
+            auto = AutoModelForSeq2SeqLM if self.lm.config.is_encoder_decoder else AutoModelForCausalLM
+            base = auto.from_pretrained(os.path.expanduser(self.path))
             if base.get_input_embeddings().num_embeddings < len(tok):
                 base.resize_token_embeddings(len(tok))
             merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()

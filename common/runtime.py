@@ -526,6 +526,10 @@ def check_settings(args, world: int) -> None:
         raise UsageError(f"--device must be auto, cpu or cuda, not {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: this torch sees no CUDA device; use --device cpu (or auto)")
+    if value("fsdp") and (value("lora_r") or 0) > 0:
+        raise UsageError("--fsdp does not shard a LoRA run (its adapters live inside the frozen base, which would have "
+                         "to be sharded with them): drop --fsdp; LoRA's trained state is small, so one GPU or DDP "
+                         "(torchrun without --fsdp) fits wherever the base does")
     if hasattr(args, "lora_r"):  # LoRA and quantization (common.lora)
         ModelSetup.from_args(args).check(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     guide = value("guide")

@@ -191,3 +191,15 @@ def test_fsdp_two_processes_match_ddp_save_and_resume(tiny_model, tmp_path):
     init = _state(tiny_model("tldr"))
     assert any(not torch.equal(init[k], b[k]) for k in init)  # trained
     assert torch.load(tmp_path / "checkpoint-1.pt", weights_only=True)["iteration"] == 1
+
+
+
+def test_fsdp_with_lora_is_refused_in_one_line(tmp_path, capsys):
+    """FSDP would shard a LoRA policy's adapter weights apart from the frozen base whose layers use them (the run
+    would not learn): refused before anything is loaded."""
+    import ppo
+
+    with pytest.raises(SystemExit) as e:
+        ppo.main(ppo.Args(**_run_args("tldr", tmp_path / "nowhere", tmp_path, lora_r=4, fsdp=True)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: --fsdp does not shard a LoRA run")

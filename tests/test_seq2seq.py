@@ -419,3 +419,41 @@ def test_t5_end_to_end_two_iterations(t5, tmp_path, algo, task):
     assert all(math.isfinite(v) for r in train for v in r.values())
     saved = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "run" / "policy"))
     assert type(saved).__name__ == "T5ForConditionalGeneration"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. LoRA on a T5: seq2seq adapters, the adapter-off base as reference and guide
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("algo", ["ppo", "lols"])
+def test_t5_with_lora_trains_only_adapters_with_ratio_one(t5, tmp_path, algo):
+    """--lora-r on a T5 policy: peft's seq2seq adapter, the first minibatch's ratio 1, KL 0 before training (the
+    reference is the adapter-off base), the base weights unchanged, the adapter saved; LOLS with its guide being
+    the policy's own start model (the adapter-off base) and two critic adapters."""
+    from test_guided import length_reward
+
+    mod = SCRIPTS[algo]
+    model = t5("commongen")
+    extra = {"p_ppo_pp": 0.5, "seed": 2, "guide": "model"} if algo == "lols" else {}
+    with pytest.MonkeyPatch.context() as mp:
+        built = []
+        real = rt.build_policy_ref_critic
+        mp.setattr(rt, "build_policy_ref_critic", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+        mp.setattr(rt, "make_reward", lambda *a, **k: length_reward)
+        mod.main(_args(mod, "commongen", model, tmp_path, lora_r=4, lora_alpha=8.0, lr=1e-2, minibatch_size=4,
+                       merge_lora=algo == "ppo", **extra))
+    train = [r for r in _jsonl(tmp_path / "run" / "metrics.jsonl") if "objective/reward" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert train[0]["policy/ratio"] == pytest.approx(1.0, abs=1e-5) and abs(train[0]["objective/kl"]) < 1e-5
+    if algo == "lols":
+        assert {r["guide/phase"] for r in train} == {0.0, 1.0}
+    policy = built[0][1]
+    fresh = load_causal_lm(str(model), load_tokenizer(str(model)), "cpu").state_dict()
+    base = {n.replace(".base_layer", ""): p for n, p in policy.lm.state_dict().items() if "lora_" not in n}
+    assert all(torch.equal(base[k], fresh[k]) for k in fresh), "a base weight moved"
+    cfg = json.loads((tmp_path / "run" / "policy" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_2_SEQ_LM"
+    if algo == "ppo":  # the merged copy is a plain T5 folder
+        from transformers import AutoModelForSeq2SeqLM
+
+        assert type(AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "run" / "policy-merged"))).__name__ == \
+            "T5ForConditionalGeneration"
