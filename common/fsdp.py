@@ -77,11 +77,27 @@ def _gather_without_grad(root: nn.Module, args, kwargs):
     _keep_gathered(root, not torch.is_grad_enabled())
 
 
+def _sharded_root(model):
+    """The FSDP root that holds `model`'s weights: the model itself, or a LoRA model's shared base
+    (common.lora: the policy's `lm`, a critic adapter's view of it); None without FSDP."""
+    if is_sharded(model):
+        return model
+    base = getattr(model, "__dict__", {}).get("lm")
+    if base is None:
+        view = getattr(model, "backbone", None)
+        base = getattr(view, "root", None)
+    return base if base is not None and is_sharded(base) else None
+
+
 def reshard(model: nn.Module) -> None:
     """Free the weights a no-gradient forward kept gathered, so that the sharded parameters are registered
     again (for the optimiser step, gradient zeroing, state dicts). Local; a no-op without FSDP."""
-    if is_sharded(model):
-        _keep_gathered(model, False)
+    root = _sharded_root(model)
+    if root is not None:
+        _keep_gathered(root, False)
+    if not is_sharded(model) and isinstance(model, nn.Module):
+        for m in _fsdp_modules(model):  # a LoRA critic's own sharded head
+            m.reshard()
 
 
 def shard(models: list[nn.Module], optimizer: torch.optim.Optimizer | None, device: torch.device, world: int):
@@ -90,7 +106,6 @@ def shard(models: list[nn.Module], optimizer: torch.optim.Optimizer | None, devi
     its state (a resumed checkpoint's) cut into the same shards."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor, distribute_tensor
 
     # FSDP warns that the critic returns a view (`.squeeze(-1)`): only an in-place op on it would skip a hook,
     # and the scripts use the values out of place
@@ -112,7 +127,14 @@ def shard(models: list[nn.Module], optimizer: torch.optim.Optimizer | None, devi
     new = {}
     for i, model in enumerate(models):
         new.update({(i, n): p for n, p in model.named_parameters()})
-    remap = {id(p): new[old_names[id(p)]] for p in old_params}
+    _repoint(optimizer, saved, {id(p): new[old_names[id(p)]] for p in old_params})
+
+
+def _repoint(optimizer, saved: dict, remap: dict) -> None:
+    """Point `optimizer` at the sharded parameters (`remap`: id of an old parameter -> its shard) and cut its
+    state (`saved`, a resumed checkpoint's) into the same shards."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     for g in optimizer.param_groups:
         g["params"] = [remap[id(p)] for p in g["params"]]
     flat = [p for g in optimizer.param_groups for p in g["params"]]
@@ -125,6 +147,75 @@ def shard(models: list[nn.Module], optimizer: torch.optim.Optimizer | None, devi
                 for k, v in st.items()}
     optimizer.state.clear()
     optimizer.load_state_dict(saved)
+
+
+def shard_lora(models: list[nn.Module], optimizer: torch.optim.Optimizer, device: torch.device, world: int):
+    """`shard` for a LoRA run (common.lora): the policy's base, which holds every adapter (the policy's and the
+    critic adapters'), is sharded per transformer layer and as a whole; a critic adapter's head and a separate
+    critic are sharded on their own. The models' adapter lists then name the adapters' shards, and `optimizer`
+    is pointed at them."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from common.lora import AdapterValueModel, adapter_parameters
+
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(device.type, (world,))
+    saved = optimizer.state_dict()
+    policy, lm = models[0], models[0].lm
+    if world > 1:  # each process drew its own LoRA initialisation: rank 0's for all, as DDP does
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for m in models:
+                for p in m.parameters():
+                    dist.broadcast(p.data, src=0)
+    old = {id(p): ("lm", n) for n, p in lm.named_parameters()}
+    for i, m in enumerate(models[1:], 1):
+        for n, p in m.named_parameters():
+            old.setdefault(id(p), (i, n))  # an adapter's weights are keyed by their name in the base
+    old_params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def shard_root(root):
+        for layer in transformer_layers(root):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(root, mesh=mesh)
+        root.register_forward_pre_hook(_gather_without_grad, with_kwargs=True, prepend=True)
+        root._rlgf_keep_gathered = False
+
+    shard_root(lm)
+    for m in models[1:]:
+        if isinstance(m, AdapterValueModel):
+            fully_shard(m.head, mesh=mesh)
+        else:
+            shard_root(m)
+    policy.adapter = nn.ParameterList(adapter_parameters(lm, policy.view.adapter))
+    for m in models[1:]:
+        if isinstance(m, AdapterValueModel):
+            m.adapter = nn.ParameterList(adapter_parameters(lm, m.backbone.adapter))
+            # through the sharded root: its forward gathers the weights outside the layers (embeddings, norms)
+            m.backbone = type(m.backbone)(lm, lm, m.backbone.adapter)
+    new = {("lm", n): p for n, p in lm.named_parameters()}
+    for i, m in enumerate(models[1:], 1):
+        new.update({(i, n): p for n, p in m.named_parameters() if not n.startswith("adapter.")})
+    _repoint(optimizer, saved, {id(p): new[old[id(p)]] for p in old_params})
+
+
+def lora_state_dict(policy, rank: int = 0) -> dict | None:
+    """A sharded LoRA policy's LoRA weights, gathered in full on rank 0 under the names of its peft model's state
+    dict (what `PeftModel.save_pretrained(state_dict=...)` takes); None when its base is not sharded. Every
+    process must call it."""
+    root = _sharded_root(policy)
+    if root is None:
+        return None
+    reshard(policy)
+    out = {}
+    for n, t in root.state_dict().items():
+        if "lora_" in n:
+            t = _full(t, rank == 0)
+            if rank == 0:
+                out["base_model.model." + n] = t
+    return out
 
 
 def _full(t, keep: bool):
@@ -140,11 +231,14 @@ def _full(t, keep: bool):
 def full_state_dict(model: nn.Module, rank: int = 0) -> dict:
     """The model's full state dict, unsharded, on the CPU of rank 0 (other ranks get {}): every process
     must call it. Without FSDP: `model.state_dict()`."""
-    if not is_sharded(model):
-        return model.state_dict()
+    from torch.distributed.tensor import DTensor
+
     reshard(model)
+    sd = model.state_dict()
+    if not is_sharded(model) and not any(isinstance(v, DTensor) for v in sd.values()):
+        return sd
     out = {}
-    for k, v in model.state_dict().items():
+    for k, v in sd.items():
         v = _full(v, rank == 0)
         if rank == 0:
             out[k] = v

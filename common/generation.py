@@ -680,18 +680,25 @@ class ValueModel(torch.nn.Module):
                                     use_cache=False, output_hidden_states=whole_lm)
             hidden = out.decoder_hidden_states[-1] if whole_lm else out.last_hidden_state
             return self.head(hidden.float()).squeeze(-1)
+        # a whole causal LM as backbone (a LoRA critic adapter on an FSDP-sharded base, which runs only through
+        # its root): its last hidden states, the LM head on one position only
+        whole = {"output_hidden_states": True, "logits_to_keep": 1} if self.backbone.get_output_embeddings() else {}
+
+        def last_hidden(out):
+            return out.hidden_states[-1] if whole else out.last_hidden_state
+
         groups = _layout(self.backbone, query_mask, response_mask, pack)
         if groups is not None:
             ids, pos, keep, _ = _pack(query_ids, query_mask, response_ids, response_mask, groups)
             with _autocast(ids.device):
-                hidden = self.backbone(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+                hidden = last_hidden(self.backbone(input_ids=ids, position_ids=pos, use_cache=False, **whole))
             v = self.head(hidden.reshape(-1, hidden.shape[-1])[keep].float()).squeeze(-1)
             return torch.zeros((B, T), dtype=v.dtype, device=v.device).masked_scatter(response_mask.bool(), v)
         ids = torch.cat([query_ids, response_ids], dim=1)
         mask = torch.cat([query_mask, response_mask], dim=1)
         with _autocast(ids.device):
-            hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                                   use_cache=False).last_hidden_state
+            hidden = last_hidden(self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                                               use_cache=False, **whole))
         P = query_ids.shape[1]
         return self.head(hidden[:, P - 1: P + T - 1].float()).squeeze(-1)
 

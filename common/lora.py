@@ -250,11 +250,12 @@ class LoraPolicy(torch.nn.Module):
             m._active_adapter = [POLICY_ADAPTER]
         return adapter_parameters(self.lm, name)
 
-    def save(self, folder, tok, merged_folder=None) -> None:
+    def save(self, folder, tok, merged_folder=None, state_dict: dict | None = None) -> None:
         """The policy adapter (adapter_config.json + weights) and the tokenizer in `folder`; other adapters
-        (critics) go to sub-folders named after them (peft's layout). `merged_folder`: the base with the
+        (critics) go to sub-folders named after them (peft's layout); `state_dict`: the weights gathered from a
+        sharded base (common.fsdp.lora_state_dict). `merged_folder`: the base with the
         adapter merged in, a plain model folder, built from a fresh full-precision load of the base."""
-        self.peft.save_pretrained(str(folder))
+        self.peft.save_pretrained(str(folder), **({} if state_dict is None else {"state_dict": state_dict}))
         tok.save_pretrained(str(folder))
         if merged_folder is not None:
             from peft import PeftModel

@@ -121,7 +121,12 @@ def wrap_for_training(models: list, optimizer, world: int, fsdp: bool = False) -
         if any(type(p).__name__ in ("Params4bit", "Int8Params") for m in models for p in m.parameters()):
             raise UsageError("--fsdp does not shard 4-bit / 8-bit (bitsandbytes) weights: drop --fsdp (one GPU, or "
                              "DDP with one model copy per GPU) or load the model unquantised")
-        shard(models, optimizer, _RUN["device"], world)
+        if isinstance(models[0], LoraPolicy):
+            from common.fsdp import shard_lora
+
+            shard_lora(models, optimizer, _RUN["device"], world)
+        else:
+            shard(models, optimizer, _RUN["device"], world)
         return list(models)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -526,10 +531,6 @@ def check_settings(args, world: int) -> None:
         raise UsageError(f"--device must be auto, cpu or cuda, not {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: this torch sees no CUDA device; use --device cpu (or auto)")
-    if value("fsdp") and (value("lora_r") or 0) > 0:
-        raise UsageError("--fsdp does not shard a LoRA run (its adapters live inside the frozen base, which would have "
-                         "to be sharded with them): drop --fsdp; LoRA's trained state is small, so one GPU or DDP "
-                         "(torchrun without --fsdp) fits wherever the base does")
     if hasattr(args, "lora_r"):  # LoRA and quantization (common.lora)
         ModelSetup.from_args(args).check(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     guide = value("guide")
@@ -771,13 +772,17 @@ def save_final(policy, critic, tok, run_dir: Path):
     from common.fsdp import is_sharded
 
     rank = _rank()
+    from common.fsdp import lora_state_dict
+
     lora = isinstance(policy, LoraPolicy)
     policy_state = full_state_dict(policy, rank) if is_sharded(policy) and not lora else None
+    adapters = lora_state_dict(policy, rank) if lora else None
     critic_state = full_state_dict(critic, rank)
     if rank != 0:
         return
     if lora:
-        policy.save(run_dir / "policy", tok, run_dir / "policy-merged" if policy.setup.merge_lora else None)
+        policy.save(run_dir / "policy", tok, run_dir / "policy-merged" if policy.setup.merge_lora else None,
+                    state_dict=adapters)
         torch.save(critic_state, run_dir / "critic.pt")
         return
     if policy_state is None:

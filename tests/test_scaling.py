@@ -194,12 +194,51 @@ def test_fsdp_two_processes_match_ddp_save_and_resume(tiny_model, tmp_path):
 
 
 
-def test_fsdp_with_lora_is_refused_in_one_line(tmp_path, capsys):
-    """FSDP would shard a LoRA policy's adapter weights apart from the frozen base whose layers use them (the run
-    would not learn): refused before anything is loaded."""
+
+@needs_data
+@pytest.mark.device
+@pytest.mark.parametrize("algo", ["ppo", "lols"])
+def test_fsdp_with_lora_equals_plain_lora_run(tiny_model, tmp_path, process_group, algo):
+    """`--fsdp --lora-r 4` (one process: the base with every adapter sharded, the critic heads too): the same
+    metrics as the LoRA run without --fsdp (LOLS: both phases, both critic adapters), the saved adapter equal
+    and trained, and a checkpoint that resumes a run without --fsdp."""
+    import lols
     import ppo
 
-    with pytest.raises(SystemExit) as e:
-        ppo.main(ppo.Args(**_run_args("tldr", tmp_path / "nowhere", tmp_path, lora_r=4, fsdp=True)))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: --fsdp does not shard a LoRA run")
+    mod = {"ppo": ppo, "lols": lols}[algo]
+    extra = {"p_ppo_pp": 0.5, "seed": 2} if algo == "lols" else {}
+    base = _run_args("tldr", tiny_model("tldr"), tmp_path, lora_r=4, lora_alpha=8.0, lr=1e-2, **extra)
+    mod.main(mod.Args(**base, run_name="plain"))
+    mod.main(mod.Args(**base, run_name="fsdp", fsdp=True))
+    plain, sharded = _train_lines(tmp_path / "plain"), _train_lines(tmp_path / "fsdp")
+    assert len(plain) == 2
+    if algo == "lols":
+        assert sorted(r["guide/phase"] for r in plain) == [0.0, 1.0]
+    _assert_same_metrics(plain, sharded)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / d / "policy" / "adapter_model.safetensors")) for d in ("plain", "fsdp"))
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # trained
+    ca, cb = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("plain", "fsdp"))
+    for key in ("policy", "critic"):
+        assert set(ca[key]) == set(cb[key]) and all(torch.allclose(ca[key][k], cb[key][k], atol=1e-6) for k in ca[key])
+
+
+@needs_data
+def test_fsdp_two_processes_with_lora_match_ddp(tiny_model, tmp_path):
+    """torchrun, 2 processes on the CPU: LOLS with LoRA adapters (policy and two critic adapters on one base) under
+    --fsdp gives DDP's numbers in both phases, and saves the same adapter."""
+    common = ["--task", "tldr", "--policy-model", str(tiny_model("tldr")), "--prompt-tokens", "48",
+              "--rollouts-per-iteration", "4", "--minibatch-size", "2", "--n-epochs", "1", "--eval-samples", "2",
+              "--eval-interval", "1", "--output-dir", str(tmp_path), "--iterations", "2", "--lora-r", "4",
+              "--lora-alpha", "8", "--lr", "1e-4", "--p-ppo-pp", "0.5", "--seed", "2"]
+    _torchrun("lols.py", *common, "--run-name", "ddp")
+    _torchrun("lols.py", *common, "--run-name", "fsdp", "--fsdp")
+    ddp, fsdp = _train_lines(tmp_path / "ddp"), _train_lines(tmp_path / "fsdp")
+    assert sorted(r["guide/phase"] for r in ddp) == [0.0, 1.0]
+    _assert_same_metrics(ddp, fsdp)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(tmp_path / d / "policy" / "adapter_model.safetensors")) for d in ("ddp", "fsdp"))
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
