@@ -100,28 +100,39 @@ def reshard(model: nn.Module) -> None:
             m.reshard()
 
 
+def _mesh(device: torch.device, world: int):
+    """The processes' device mesh. FSDP warns that the critic returns a view (`.squeeze(-1)`): only an in-place op
+    on it would skip a hook, and the scripts use the values out of place."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    return init_device_mesh(device.type, (world,))
+
+
+def _shard_root(root: nn.Module, mesh) -> None:
+    """`fully_shard` per transformer layer, then the whole of `root`, which keeps weights gathered across
+    no-gradient forwards (`_gather_without_grad`)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in transformer_layers(root):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+    root.register_forward_pre_hook(_gather_without_grad, with_kwargs=True, prepend=True)
+    root._rlgf_keep_gathered = False
+
+
 def shard(models: list[nn.Module], optimizer: torch.optim.Optimizer | None, device: torch.device, world: int):
     """Shard `models` in place over the `world` processes (`fully_shard` per transformer layer, then per
     model; weights move to `device` layer by layer), and point `optimizer` at the sharded parameters,
     its state (a resumed checkpoint's) cut into the same shards."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    # FSDP warns that the critic returns a view (`.squeeze(-1)`): only an in-place op on it would skip a hook,
-    # and the scripts use the values out of place
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    mesh = init_device_mesh(device.type, (world,))
+    mesh = _mesh(device, world)
     saved = optimizer.state_dict() if optimizer is not None else None
     old_names = {}
     for i, model in enumerate(models):
         old_names.update({id(p): (i, n) for n, p in model.named_parameters()})
     old_params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer is not None else []
     for model in models:
-        for layer in transformer_layers(model):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        model.register_forward_pre_hook(_gather_without_grad, with_kwargs=True, prepend=True)
-        model._rlgf_keep_gathered = False
+        _shard_root(model, mesh)
     if optimizer is None:
         return
     new = {}
@@ -154,18 +165,14 @@ def shard_lora(models: list[nn.Module], optimizer: torch.optim.Optimizer, device
     critic adapters'), is sharded per transformer layer and as a whole; a critic adapter's head and a separate
     critic are sharded on their own. The models' adapter lists then name the adapters' shards, and `optimizer`
     is pointed at them."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from common.lora import AdapterValueModel, adapter_parameters
 
-    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    mesh = init_device_mesh(device.type, (world,))
+    mesh = _mesh(device, world)
     saved = optimizer.state_dict()
     policy, lm = models[0], models[0].lm
     if world > 1:  # each process drew its own LoRA initialisation: rank 0's for all, as DDP does
-        import torch.distributed as dist
-
         with torch.no_grad():
             for m in models:
                 for p in m.parameters():
@@ -176,19 +183,12 @@ def shard_lora(models: list[nn.Module], optimizer: torch.optim.Optimizer, device
             old.setdefault(id(p), (i, n))  # an adapter's weights are keyed by their name in the base
     old_params = [p for g in optimizer.param_groups for p in g["params"]]
 
-    def shard_root(root):
-        for layer in transformer_layers(root):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(root, mesh=mesh)
-        root.register_forward_pre_hook(_gather_without_grad, with_kwargs=True, prepend=True)
-        root._rlgf_keep_gathered = False
-
-    shard_root(lm)
+    _shard_root(lm, mesh)
     for m in models[1:]:
         if isinstance(m, AdapterValueModel):
             fully_shard(m.head, mesh=mesh)
         else:
-            shard_root(m)
+            _shard_root(m, mesh)
     policy.adapter = nn.ParameterList(adapter_parameters(lm, policy.view.adapter))
     for m in models[1:]:
         if isinstance(m, AdapterValueModel):
