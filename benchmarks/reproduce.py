@@ -240,6 +240,7 @@ def guide_alone(args: Args, task_name: str, kind: str, n: int | None = None) -> 
     from common import runtime as rt
     from common.chat import setup_chat, task_ids
     from common.metrics import compute_metrics
+    from common.models import is_encoder_decoder
     from common.tasks import get_task
 
     task = get_task(task_name)
@@ -253,7 +254,7 @@ def guide_alone(args: Args, task_name: str, kind: str, n: int | None = None) -> 
                            temperature=1.0, min_new_tokens=task.min_new_tokens, chat_template="auto")
     val = task.load("validation", data_dir, limit=n or pre["eval_samples"])
     tok = rt.load_tokenizer(policy_path)  # the prompts exactly as the learner sees them (cut to prompt_tokens)
-    setup_chat(tok, "auto")
+    setup_chat(tok, "auto", encoder_decoder=is_encoder_decoder(policy_path))
     seen = [tok.decode(task_ids(tok, q)) for q in rt.encode_prompts(task, tok, val, pre["prompt_tokens"])]
     prompts, refs = [e.prompt for e in val], [e.references for e in val]  # as the runs' evaluation
     torch.manual_seed(1234)
@@ -273,6 +274,7 @@ def zero_shot(args: Args) -> dict:
 
     from common import runtime as rt
     from common.chat import has_chat_template, setup_chat
+    from common.models import is_encoder_decoder
     from common.tasks import get_task
 
     out = {}
@@ -285,7 +287,7 @@ def zero_shot(args: Args) -> dict:
         policy = rt.load_causal_lm(policy_path, tok, torch.device("cpu"))
         for mode in (("on", "off") if has_chat_template(tok) else ("off",)):
             tok = rt.load_tokenizer(policy_path)
-            setup_chat(tok, mode)
+            setup_chat(tok, mode, encoder_decoder=is_encoder_decoder(policy_path))
             settings = types.SimpleNamespace(prompt_tokens=pre["prompt_tokens"], max_new_tokens=task.max_new_tokens,
                                              min_new_tokens=task.min_new_tokens, temperature=1.0)
             t0 = time.time()

@@ -25,7 +25,8 @@ from common.lora import LoraPolicy, ModelSetup, make_adapter_critic, wrap_policy
 from common.generation import (ValueModel, decode, forward_response, left_pad, position_limit, right_pad, sample,
                                set_bf16)
 from common.chat import setup_chat, template_length
-from common.models import _no_dropout, embedded_models, load_causal_lm, load_tokenizer, resolve_model_alias
+from common.models import (_no_dropout, embedded_models, is_encoder_decoder, load_causal_lm, load_tokenizer,
+                           resolve_model_alias)
 from common.tasks import TASKS, Task, encode_prompt
 
 
@@ -235,7 +236,7 @@ def build_policy_ref_critic(policy_path: str, device, context: int, gradient_che
     the adapters off, the critic an adapter + head on it (`--critic adapter`) or a separate model (common.lora)."""
     setup = setup or ModelSetup()
     tok = load_tokenizer(policy_path)
-    setup_chat(tok, chat_template)
+    setup_chat(tok, chat_template, encoder_decoder=is_encoder_decoder(policy_path))
     context += template_length(tok)
     policy = load_causal_lm(policy_path, tok, _load_device(device), "--policy-model",
                             quantization=setup.quantization_config())
@@ -867,7 +868,7 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
     if kind != "model":
         raise UsageError(f"--guide must be model, rule or a server URL (http://HOST:PORT/v1), not {kind!r}")
     gtok = load_tokenizer(guide_path)
-    setup_chat(gtok, "off" if chat_template == "off" else "auto")
+    setup_chat(gtok, "off" if chat_template == "off" else "auto", encoder_decoder=is_encoder_decoder(guide_path))
     if isinstance(policy, LoraPolicy) and guide_path == policy.path:
         model = policy.reference()
     else:

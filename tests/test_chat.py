@@ -201,3 +201,85 @@ def test_few_shot_guide_puts_solved_train_examples_in_its_own_template(chat_mode
     ids = torch.tensor([tok(PROMPT, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(base(input_ids=ids).logits, fs(input_ids=ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the tokenizer's own special tokens with the template off: a BOS ahead (Llama, Gemma), T5's / BART's EOS
+# after an encoder's input
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def specials_models(tmp_path_factory) -> dict:
+    """A tiny Llama and a tiny T5 sharing a tokenizer whose post-processor writes `<s> text <|endoftext|>`, as
+    T5 (EOS) and Llama (BOS) tokenizers add their special tokens; `<s>` is a BOS of its own."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+    out = tmp_path_factory.mktemp("specials")
+    tok = train_tokenizer(train_texts("commongen"), 400, out / "tok")
+    tok.add_special_tokens({"bos_token": "<s>"})
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A <|endoftext|>", special_tokens=[("<s>", tok.bos_token_id), ("<|endoftext|>", tok.eos_token_id)])
+    torch.manual_seed(0)
+    models = {"causal": LlamaForCausalLM(LlamaConfig(
+                  vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)),
+              "seq2seq": T5ForConditionalGeneration(T5Config(
+                  vocab_size=len(tok), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                  decoder_start_token_id=tok.pad_token_id))}
+    for kind, model in models.items():
+        tok.save_pretrained(out / kind)
+        model.save_pretrained(out / kind)
+    return {kind: out / kind for kind in models}
+
+
+def test_plain_prompts_carry_the_tokenizers_own_special_tokens(specials_models):
+    task = get_task("commongen")
+    for kind, path in specials_models.items():
+        tok = load_tokenizer(str(path))
+        bos, eos = tok.bos_token_id, tok.eos_token_id
+        plain = tok(PROMPT, add_special_tokens=False)["input_ids"]
+        assert tok(PROMPT)["input_ids"] == [bos] + plain + [eos]  # the saved tokenizer adds both
+        assert setup_chat(tok, "auto", encoder_decoder=kind == "seq2seq") == "off"
+        end = [eos] if kind == "seq2seq" else []  # an encoder's input ends in EOS; a causal query never does
+        assert encode_prompt(task, tok, PROMPT, 64) == [bos] + plain + end
+        cut = encode_prompt(task, tok, PROMPT, 5)  # the task text is cut, the special tokens stay
+        assert cut == [bos] + plain[-5:] + end and task_ids(tok, cut) == plain[-5:]
+        assert rt.template_length(tok) == 1 + len(end)
+    # tokenizers that add nothing (GPT-2, SmolLM2, the embedded models: test_chat_off_gives_the_plain_ids) are
+    # untouched
+
+
+@needs_data
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+def test_scripts_sample_and_train_on_queries_with_the_special_tokens(specials_models, kind, tmp_path, monkeypatch):
+    """ppo.py on a model whose tokenizer adds `<s> ... </s>`: every sampled and evaluated query carries them
+    (the EOS only for the T5 encoder), the training forward scores those same ids (ratio 1 on the only
+    minibatch), and a guide gets the task's text without them."""
+    from test_guided import length_reward
+
+    path = specials_models[kind]
+    rec_train, rec_eval = _Recorder(ppo.sample), _Recorder(rt.sample)
+    monkeypatch.setattr(ppo, "sample", rec_train)
+    monkeypatch.setattr(rt, "sample", rec_eval)
+    monkeypatch.setattr(rt, "make_reward", lambda *a, **k: length_reward)  # CommonGen's CIDEr-D index: ~9 s
+    args = ppo.Args(task="commongen", policy_model=str(path), data_dir=str(DATA), output_dir=str(tmp_path),
+                    run_name="sp", iterations=1, rollouts_per_iteration=4, minibatch_size=4, n_epochs=1,
+                    eval_samples=2, eval_interval=1, max_new_tokens=6, device="cpu")
+    ppo.main(args)
+    tok = load_tokenizer(str(path))
+    setup_chat(tok, "off", encoder_decoder=kind == "seq2seq")
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    queries = [q for calls in (rec_train.calls, rec_eval.calls) for qs, _ in calls for q in qs]
+    assert len(queries) == 4 + 2 * 2
+    assert all(q[0] == bos and q == wrap(tok, task_ids(tok, q)) for q in queries)
+    assert all((q[-1] == eos) == (kind == "seq2seq") for q in queries)
+    line = [r for r in map(json.loads, (tmp_path / "sp" / "metrics.jsonl").read_text().splitlines())
+            if "objective/reward" in r][0]
+    assert abs(line["policy/ratio"] - 1.0) < 1e-5 and line["policy/approx_kl"] < 1e-10
+    # a guide is handed the task's own text
+    seen = []
+    guide_continue(CallableGuide(lambda p, x: seen.append(p) or [" ok."] * len(p)), tok, queries[:2], [[], []],
+                   max_new_tokens=6, min_new_tokens=1)
+    assert seen == [[tok.decode(task_ids(tok, q)) for q in queries[:2]]] and "<s>" not in "".join(seen[0])
