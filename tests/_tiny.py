@@ -111,3 +111,27 @@ def build_tiny_t5(task: str, out: Path, *, vocab_size: int = 400, seed: int = 0,
             model.shared.weight[ids[0], 0] = favour_logit
     model.save_pretrained(out)
     return out
+
+
+def build_tiny_bart(task: str, out: Path, *, vocab_size: int = 400, seed: int = 0) -> Path:
+    """The same tokenizer as `build_tiny`, with a BOS `<s>` of its own and BART's way of adding special tokens
+    (`<s> text <|endoftext|>`), + a random 2-layer BartForConditionalGeneration (d_model 32): absolute learned
+    positions (128 a side), decoder start token = EOS as BART has it, BART's default dropouts (0.1)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from common.models import EmbeddedConfig, _train_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _train_tokenizer(train_texts(task), EmbeddedConfig(vocab_size=vocab_size), out)
+    tok.add_special_tokens({"bos_token": "<s>"})
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A <|endoftext|>", special_tokens=[("<s>", tok.bos_token_id), ("<|endoftext|>", tok.eos_token_id)])
+    tok.save_pretrained(out)
+    torch.manual_seed(seed)
+    config = BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                        decoder_start_token_id=tok.eos_token_id, forced_bos_token_id=None, forced_eos_token_id=None)
+    BartForConditionalGeneration(config).save_pretrained(out)
+    return out

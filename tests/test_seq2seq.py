@@ -4,7 +4,7 @@ A tiny random 2-layer T5 (tests/_tiny.py: `build_tiny_t5`, the project's own byt
 from EOS, decoder start token = pad as in T5) stands in for the paper's CommonGen T5. The same properties the
 causal tests check: sampling log-probs = training log-probs (with and without forced prefixes), EOS / pad rules,
 the ratio 1 on the first minibatch, PPO++ with beta 0 = PPO, the critic on decoder states, guides of either kind,
-resume, and every script on every task.
+resume, and every script on every task. A tiny BART (absolute positions, decoder start = EOS) checks what differs.
 """
 
 from __future__ import annotations
@@ -457,3 +457,67 @@ def test_t5_with_lora_trains_only_adapters_with_ratio_one(t5, tmp_path, algo):
 
         assert type(AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "run" / "policy-merged"))).__name__ == \
             "T5ForConditionalGeneration"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. BART: absolute positions on each side, decoder start = EOS, a tokenizer that adds <s> ... </s>
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bart(tmp_path_factory) -> Path:
+    from _tiny import build_tiny_bart
+
+    return build_tiny_bart("commongen", tmp_path_factory.mktemp("bart"))
+
+
+def test_bart_logprobs_equal_the_training_forward_and_each_row_alone(bart):
+    """Sampling log-probs = the training forward's = the model's own log-softmax for each row run alone, without
+    padding: BART numbers the encoder's tokens from the first column, so a left-padded prompt would be read at
+    other positions; the decoder starts from EOS."""
+    from common.tasks import encode_prompt, get_task
+
+    tok, policy, _, critic = rt.build_policy_ref_critic(str(bart), "cpu", 48 + 12)
+    assert type(policy).__name__ == "BartForConditionalGeneration" and decoder_start_id(policy) == tok.eos_token_id
+    assert all(m.p == 0.0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))
+    assert type(critic.backbone).__name__ == "BartModel"
+    eos, pad, bos = tok.eos_token_id, tok.pad_token_id, tok.bos_token_id
+    task = get_task("commongen")
+    from _tiny import train_texts
+
+    queries = [encode_prompt(task, tok, " ".join(t.split()[:n]), 48)
+               for t, n in zip(train_texts("commongen", 6), (2, 9, 4, 14, 6, 11))]
+    assert all(q[0] == bos and q[-1] == eos for q in queries) and len({len(q) for q in queries}) == 6
+    torch.manual_seed(0)
+    out = sample(policy, queries, max_new_tokens=12, min_new_tokens=2, eos_id=eos, pad_id=pad)
+    qi, qm = left_pad(queries, pad)
+    ri, rm = right_pad(out.tokens, pad)
+    with torch.no_grad():
+        lp, _ = forward_response(policy, qi, qm, ri, rm, eos_id=eos, pad_id=pad, min_new_tokens=2)
+        for b, (q, y) in enumerate(zip(queries, out.tokens)):
+            assert abs(sum(out.logprobs[b]) - float(lp[b, : len(y)].sum())) < 1e-4
+            logits = policy(input_ids=torch.tensor([q]), decoder_input_ids=torch.tensor([[eos] + y[:-1]])).logits[0]
+            logits[:, pad] = -float("inf")
+            logits[:2, eos] = -float("inf")
+            want = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(y)[:, None]).squeeze(-1)
+            torch.testing.assert_close(lp[b, : len(y)], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "ppo_plus_plus"])
+def test_bart_inside_the_scripts_ratio_one_and_its_own_guide(bart, tmp_path, algo):
+    """One minibatch, one epoch: ratio 1; PPO++ with the BART start model as its guide; the policy saves as BART."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from test_guided import length_reward
+
+    mod = SCRIPTS[algo]
+    extra = {"guide": "model"} if algo == "ppo_plus_plus" else {}
+    args = _args(mod, "commongen", bart, tmp_path, iterations=1, rollouts_per_iteration=4, minibatch_size=4, **extra)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rt, "make_reward", lambda *a, **k: length_reward)  # CommonGen's CIDEr-D index: ~9 s
+        first, final = mod.main(args)
+    assert all(math.isfinite(v) for v in {**first, **final}.values())
+    line = [r for r in _jsonl(tmp_path / "run" / "metrics.jsonl") if "objective/reward" in r][0]
+    assert abs(line["policy/ratio"] - 1.0) < 1e-5 and line["policy/approx_kl"] < 1e-10
+    if algo == "ppo_plus_plus":
+        assert line["guide/guide_tokens"] > 0
+    saved = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "run" / "policy"))
+    assert type(saved).__name__ == "BartForConditionalGeneration"
