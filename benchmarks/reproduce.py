@@ -392,7 +392,8 @@ def report(args: Args):
         lines.append("")
     for task in tasks:
         cells = [(k, v) for k, v in rows.items() if k[0] == task]
-        metric_keys = [m for m in cells[0][1][0]["final"] if m not in ("response_length",)]
+        final = cells[0][1][0]["final"]  # the task's metrics, then the responses' mean length in tokens
+        metric_keys = [m for m in final if m != "response_length"] + [m for m in final if m == "response_length"]
         keys = ("iterations", "rollouts_per_iteration", "minibatch_size", "n_epochs", "lr", "kl_coef", "eval_samples",
                 "bf16", "chat_template", "guide_top_p")
         seen = {k: [] for k in keys}
