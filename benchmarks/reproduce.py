@@ -258,10 +258,14 @@ def guide_alone(args: Args, task_name: str, kind: str, n: int | None = None) -> 
     seen = [tok.decode(task_ids(tok, q)) for q in rt.encode_prompts(task, tok, val, pre["prompt_tokens"])]
     prompts, refs = [e.prompt for e in val], [e.references for e in val]  # as the runs' evaluation
     torch.manual_seed(1234)
-    responses = [text for text, _ in guide.complete(seen, [""] * len(val), [task.max_new_tokens] * len(val))]
+    done = guide.complete(seen, [""] * len(val), [task.max_new_tokens] * len(val))
+    responses = [text for text, _ in done]
     reward_fn = rt.make_reward(task, None, task.load("train", data_dir), "cpu", log=lambda *a: None)
     m = {"reward": float(np.mean(reward_fn(prompts, responses, refs)))}
     m.update(compute_metrics(task_name, prompts, responses, refs, [e.meta for e in val]))
+    # in the learner's tokens, its EOS counted where the guide ended the text, as the runs' evaluation counts
+    m["response_length"] = float(np.mean([len(tok(t, add_special_tokens=False)["input_ids"]) + int(end)
+                                          for t, end in done]))
     return m
 
 
