@@ -7,8 +7,9 @@ over seeds; training diagnostics) and one PNG of learning curves per task (mean 
 lowest to the highest seed). The hand-written text at the end of the README, below the line `NOTES_MARK`, is
 kept as it is. Resumable: every run lives in `<runs-dir>/<algo>-<guide>-<task>-seed<s>`; a finished run
 (eval.json present) is skipped, an interrupted one continues from its last checkpoint, so re-running the same
-command picks up where it stopped. A finished run keeps only args.json, eval.json and metrics.jsonl (unless
---keep-weights). Each run gets one torch thread.
+command picks up where it stopped. Several grid commands may share a runs folder (the same command started twice
+runs two at once, like --workers 2): a run another one is doing is skipped. A finished run keeps only args.json, eval.json
+and metrics.jsonl (unless --keep-weights). Each run gets one torch thread.
 
     RLGF_DATA_DIR=../shared/data python benchmarks/reproduce.py                      # the full grid (hours)
     RLGF_DATA_DIR=../shared/data python benchmarks/reproduce.py --tasks imdb --seeds 1 2 3
@@ -150,6 +151,23 @@ def prune_run(run_dir: Path, finished: bool = True) -> None:
 
 
 def run_one(args: Args, task, algo, guide, seed) -> bool:
+    """One run, under a lock (`<runs-dir>/.locks/<run>.lock`, an flock the system drops when the process ends):
+    a run that another grid command is doing right now is skipped, so several grids may share a runs folder."""
+    import fcntl
+
+    locks = Path(args.runs_dir) / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{run_name(task, algo, guide, seed)}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[{time.strftime('%H:%M:%S')}] skip {run_name(task, algo, guide, seed)}: another grid is running it",
+                  flush=True)
+            return False
+        return _run_locked(args, task, algo, guide, seed)
+
+
+def _run_locked(args: Args, task, algo, guide, seed) -> bool:
     run_dir = Path(args.runs_dir) / run_name(task, algo, guide, seed)
     if (run_dir / "eval.json").exists():
         if not args.keep_weights:

@@ -224,3 +224,28 @@ def test_pad_is_an_existing_unknown_token_when_pad_is_eos(tmp_path):
     tok.save_pretrained(tmp_path / "b")
     loaded = models.load_tokenizer(str(tmp_path / "b"))
     assert loaded.pad_token == models.PAD and loaded.pad_token_id != loaded.eos_token_id
+
+
+def test_a_run_another_grid_is_doing_is_skipped(tmp_path, monkeypatch):
+    """Two grid commands over one runs folder: a run whose lock another process holds is not started (two
+    processes resuming one checkpoint would corrupt it); once the lock is free, it runs."""
+    import fcntl
+
+    args = reproduce.Args(tasks=["commongen"], seeds=[1], runs_dir=str(tmp_path), policy_model="smollm2")
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        _weights(Path(cmd[cmd.index("--output-dir") + 1]) / cmd[cmd.index("--run-name") + 1], finished=True)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
+    name = reproduce.run_name("commongen", "lols", "model", 1)
+    (tmp_path / ".locks").mkdir()
+    with open(tmp_path / ".locks" / f"{name}.lock", "w") as held:  # another grid's lock (flock: per open file)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert not reproduce.run_one(args, "commongen", "lols", "model", 1) and calls == []
+        assert not (tmp_path / name).exists()
+        assert reproduce.run_one(args, "commongen", "ppo", "-", 1) and len(calls) == 1  # other runs go on
+    assert reproduce.run_one(args, "commongen", "lols", "model", 1) and len(calls) == 2
+    assert (tmp_path / name / "eval.json").exists()
