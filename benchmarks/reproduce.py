@@ -7,9 +7,9 @@ over seeds; training diagnostics) and one PNG of learning curves per task (mean 
 lowest to the highest seed). The hand-written text at the end of the README, below the line `NOTES_MARK`, is
 kept as it is. Resumable: every run lives in `<runs-dir>/<algo>-<guide>-<task>-seed<s>`; a finished run
 (eval.json present) is skipped, an interrupted one continues from its last checkpoint, so re-running the same
-command picks up where it stopped. Several grid commands may share a runs folder (the same command started twice
-runs two at once, like --workers 2): a run another one is doing is skipped. A finished run keeps only args.json, eval.json
-and metrics.jsonl (unless --keep-weights). Each run gets one torch thread.
+command picks up where it stopped. Several grid commands may share a runs folder (the same command started
+twice runs two at once, like --workers 2): a run another one is doing is skipped. A finished run keeps only
+args.json, eval.json and metrics.jsonl (unless --keep-weights). Each run gets one torch thread.
 
     RLGF_DATA_DIR=../shared/data python benchmarks/reproduce.py                      # the full grid (hours)
     RLGF_DATA_DIR=../shared/data python benchmarks/reproduce.py --tasks imdb --seeds 1 2 3
