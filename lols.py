@@ -23,196 +23,86 @@ Run:  python lols.py --task imdb        (--guide rule for the rule-based guide o
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import time
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
 from common import runtime as rt
-from common.errors import UsageError, one_line_errors
+from common.errors import one_line_errors
 from common.generation import decode, forward_response, left_pad, right_pad, sample, used_columns
-from common.guides import ServerOptions, guide_continue, guide_metrics
-from common.presets import fill_presets
-from common.tasks import get_task, resolve_data_dir
+from common.guides import guide_continue
+from common.harness import Run, update_means
+from common.settings import GuideSettings, ModelSettings, RunSettings, cli, finish_settings
 
 
 @dataclass
-class Args:
+class Args(RunSettings, ModelSettings, GuideSettings):
+    """Defaults are the paper's for IMDB; the task's preset sets every value not given (--task X --help shows it)."""
+
     task: str = "imdb"
-    """task: imdb, commongen or tldr"""
-    data_dir: str | None = None
-    """folder laid out like ../shared/data (JSONL in the hub's schemas); default: $RLGF_DATA_DIR, else the Hub"""
-    policy_model: str | None = None
-    """learner's initial model: hub id, folder or smollm2 (SmolLM2-135M-Instruct, made offline once, with its own
-    preset); default: the task's embedded model (built once, cached)"""
-    preset: str = "auto"
-    """per-task settings: paper (the paper's, and with no --policy-model / --guide-model / --reward-model the
-    paper's hub models and their LoRA / 4-bit set-up), embedded (sized for the offline embedded models), smollm2
-    (SmolLM2-135M-Instruct on a laptop CPU), auto (embedded for the embedded models, smollm2 for that model, else
-    the paper's settings for the given model); flags given win"""
-    guide: str = "model"
-    """the black-box guide: model (an HF causal LM, --guide-model), rule (our rule-based guide: commongen, tldr) or
-    the URL of an OpenAI-compatible server, http://HOST:PORT/v1 (vLLM, llama.cpp, TGI, Ollama, a hosted API)"""
-    guide_model: str | None = None
-    """guide model: hub id, folder or smollm2; default: the policy model when one is given, else the task's embedded
-    guide (IMDB: SFT on positive reviews)"""
-    guide_top_p: float | None = None
-    """guide's nucleus sampling (paper 0.92); the learner always samples with top_p 1"""
-    guide_top_k: int | None = None
-    """guide's top-k (paper: 50 on IMDB, 0 = off elsewhere)"""
-    guide_temperature: float = 1.0
-    """guide's sampling temperature"""
-    guide_model_name: str | None = None
-    """server guide: the model name sent with each request; default: the first model the server's /models lists"""
-    guide_api_key_env: str = "OPENAI_API_KEY"
-    """server guide: the environment variable holding the API key, sent as a Bearer token when set (the key itself
-    is never logged nor saved)"""
-    guide_max_concurrency: int = 8
-    """server guide: requests in flight at once (one request per prompt)"""
-    guide_timeout: float = 60.0
-    """server guide: seconds to wait for one answer"""
-    guide_retries: int = 3
-    """server guide: retries, with backoff 0.5 s, 1 s, 2 s, ..., after a connection error, a timeout, HTTP 429 or
-    5xx; then the run stops with a one-line error (its last checkpoint stays)"""
-    guide_chat: bool = False
-    """server guide: /chat/completions instead of /completions (which gets prompt + the learner's prefix as one text,
-    a true continuation). Chat: the prompt is the user turn, a non-empty prefix a final assistant turn; only a server
-    that continues a final assistant message (vLLM: --guide-extra-body '{"continue_final_message": true,
-    "add_generation_prompt": false}') truly continues the prefix, any other answers with a new turn that is appended
-    to the prefix (an approximation); PPO++'s roll-in has no prefix and is exact"""
-    guide_cache: str | None = None
-    """server guide: a JSONL file of request -> answer; an identical request is answered from it without the server
-    (needs --guide-temperature 0: a cache replays one answer)"""
-    guide_extra_body: str | None = None
-    """server guide: a JSON object merged into every request (e.g. '{"min_tokens": 48}' for vLLM)"""
-    beta: float | None = None
-    """probability of a switch point k > 0 in both parts (paper: 0.8 on every task)"""
-    p_ppo_pp: float | None = None
-    """probability that an iteration is PPO++ (else AggreVaTeD); paper 0.8"""
-    reward_model: str | None = None
-    """IMDB: a sentiment classifier (paper: lvwerra/distilbert-imdb), default VADER; TL;DR: a reward model
-    (sequence classifier), default ROUGE-L against the reference; unused by CommonGen (CIDEr-D + SPICE)"""
-    output_dir: str = "runs"
-    """run folders (TensorBoard logs, metrics.jsonl, checkpoint, final policy) go here"""
-    run_name: str | None = None
-    """run folder name; default <algo>-<task>-seed<seed>-<time>"""
-    resume: str | None = None
-    """run folder of an earlier run to continue from its last checkpoint"""
+    """imdb, commongen or tldr"""
     seed: int = 1
     """seed of every random number generator"""
-    device: str = "auto"
-    """auto (cuda when available), cpu or cuda"""
-    fsdp: bool = False
-    """shard policy, critic(s) and optimiser state over the torchrun processes with PyTorch FSDP (one unit per
-    transformer layer) instead of replicating them with DDP: for models whose training state does not fit one
-    GPU. Every process samples and evaluates; the frozen reference and guide stay whole (docs/scaling.md)"""
-    bf16: bool = False
-    """bf16 autocast in every forward pass: ~1.5x faster on CPUs with AVX-512 BF16 and on recent GPUs; sampling
-    and training log-probs then agree to ~1e-2 instead of ~1e-6"""
-
-    # model setup: LoRA and quantization
-    lora_r: int = 0
-    """LoRA rank (peft); 0 = off (full fine-tuning). With LoRA the policy is the base plus a trainable adapter,
-    and the reference policy (and a model guide that is the policy's own start model) is that base with the
-    adapter off: one copy in memory"""
-    lora_alpha: float = 16.0
-    """LoRA alpha: the adapter's update is scaled by alpha / r (the paper's TL;DR: r 8, alpha 64)"""
-    lora_dropout: float = 0.0
-    """dropout on the adapters' input, in the forwards with gradients only (sampling and the no-grad forwards
-    run without it); > 0 moves the first minibatch's ratio off 1"""
-    lora_target_modules: tuple[str, ...] | None = None
-    """modules the adapters wrap (e.g. q_proj v_proj), or all-linear; default: peft's for the architecture
-    (Llama: q_proj v_proj, GPT-2: c_attn), else all-linear"""
-    critic: str | None = None
-    """LoRA runs: adapter (default; a second adapter + value head on the policy's frozen base, as the official
-    code's LoRA runs) or separate (a full critic model, fully trained); full fine-tuning: always separate"""
-    merge_lora: bool = False
-    """also save the policy with its adapter merged in, as a plain model folder (run folder/policy-merged)"""
-    load_in_4bit: bool = False
-    """load the frozen base, the reward model and a separately loaded guide in 4-bit (nf4, double quantization,
-    bf16 compute: QLoRA; bitsandbytes, CUDA only); needs --lora-r > 0"""
-    load_in_8bit: bool = False
-    """as --load-in-4bit, in 8-bit (LLM.int8())"""
-
-    # lengths (default: the task's)
-    prompt_tokens: int | None = None
-    """prompt length in tokens (longer prompts are cut the task's way)"""
-    min_new_tokens: int | None = None
-    """EOS is masked before this many response tokens, in sampling and in the loss alike"""
-    max_new_tokens: int | None = None
-    """response length limit"""
+    policy_model: str | None = None
+    """learner's initial model: hub id, folder or smollm2; default: the task's embedded model (built once, cached)"""
+    reward_model: str | None = None
+    """IMDB: a sentiment classifier (default VADER); TL;DR: a reward model (default ROUGE-L); unused by CommonGen"""
+    prompt_tokens: int = 64
+    """prompt length in tokens, cut the task's way (paper: IMDB 64, CommonGen 15, TL;DR 500)"""
+    min_new_tokens: int = 48
+    """EOS is masked before this many response tokens, in sampling and in the loss (IMDB 48, else 5)"""
+    max_new_tokens: int = 48
+    """response length limit (IMDB 48, CommonGen 20, TL;DR 50)"""
     temperature: float = 1.0
     """sampling temperature, the same in the loss"""
-    chat_template: str = "auto"
-    """instruct models: the task's prompt as the user turn, the response as the assistant turn ended by its
-    end-of-turn token as EOS; auto (on when the tokenizer has a chat template), on or off"""
-
-    # batch hierarchy (SPEC 4.7)
-    iterations: int | None = None
-    """PPO iterations"""
-    rollouts_per_iteration: int | None = None
-    """prompts rolled out per iteration, over all processes"""
-    minibatch_size: int | None = None
-    """rollouts per optimiser step, over all processes; must divide rollouts_per_iteration"""
-    micro_batch_size: int | None = None
-    """rollouts per forward/backward per process (gradient accumulation); default: the whole minibatch"""
-    gradient_checkpointing: bool = False
-    """recompute each layer of the policy and critic in the backward instead of keeping its activations: less
-    memory per micro-batch for more time in the update (README: Memory)"""
-    n_epochs: int | None = None
-    """passes over the iteration's rollouts"""
-
-    # PPO
-    lr: float | None = None
-    """AdamW learning rate of policy and critic"""
-    lr_schedule: str | None = None
-    """linear (decay to 0) or constant"""
-    weight_decay: float | None = None
-    """AdamW weight decay"""
+    iterations: int = 50
+    """PPO iterations (paper: IMDB 50, CommonGen 500, TL;DR 1000)"""
+    rollouts_per_iteration: int = 112
+    """prompts rolled out per iteration, over all processes (IMDB 112, else 128)"""
+    minibatch_size: int = 28
+    """rollouts per optimiser step, over all processes (IMDB 28, else 32); divides rollouts_per_iteration"""
+    n_epochs: int = 5
+    """passes over the iteration's rollouts (IMDB 5, else 4)"""
+    lr: float = 1e-5
+    """AdamW learning rate of policy and critic (IMDB 1e-5, else 5e-6)"""
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    """linear (decay to 0) or constant (TL;DR)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (TL;DR 0.01)"""
     adam_eps: float = 1e-5
     """AdamW epsilon"""
     max_grad_norm: float = 1.0
     """gradient-norm clip, applied to the policy and the critic separately"""
-    gamma: float | None = None
-    """discount"""
-    lam: float | None = None
+    gamma: float = 0.99
+    """discount (TL;DR 1.0)"""
+    lam: float = 0.95
     """GAE lambda"""
-    clip_range: float | None = None
+    clip_range: float = 0.2
     """policy ratio clip"""
-    clip_range_vf: float | None = None
+    clip_range_vf: float = 0.2
     """value clip around the rollout's values"""
-    vf_coef: float | None = None
-    """value-loss coefficient"""
-    kl_coef: float | None = None
-    """initial coefficient of the per-token KL penalty in the reward"""
-    kl_estimator: str = "k1"
+    vf_coef: float = 0.5
+    """value-loss coefficient (CommonGen 30, TL;DR 0.1)"""
+    kl_coef: float = 0.001
+    """initial coefficient of the per-token KL penalty in the reward (CommonGen 0, TL;DR 0.002)"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
     """per-token KL estimator in the reward: k1 (log-ratio) or k3 ((r - 1) - log r)"""
     kl_target: float | None = None
-    """set to use the adaptive KL controller (target KL per sequence, nats); None keeps kl_coef fixed"""
+    """target KL per sequence (nats) of the adaptive KL controller; None keeps kl_coef fixed"""
     kl_horizon: int = 10000
     """adaptive KL controller horizon (in rollouts)"""
     nll_coef: float = 0.0
     """weight of a negative log-likelihood term on the dataset reference (the official code's 0.1; off)"""
-
-    # evaluation and logging
-    eval_interval: int | None = None
-    """evaluate every this many iterations (and at start and end)"""
-    eval_samples: int | None = None
-    """validation prompts per evaluation"""
-    save_interval: int | None = None
-    """checkpoint every this many iterations; default eval_interval"""
-    sample_rows: int = 8
-    """rows in the TensorBoard sample tables"""
-    slow_metrics: bool = False
-    """also METEOR and SPICE in CommonGen's evaluations (they start a JVM: METEOR ~6 s each time)"""
-    keep_checkpoint: bool = False
-    """keep checkpoint.pt when the run finishes, to continue it later (--resume with more --iterations); a
-    finished run deletes it otherwise (the policy and critic are saved beside it)"""
-    rebuild_models: bool = False
-    """build the task's embedded models again instead of loading them from the cache (RLGF_CACHE_DIR)"""
+    eval_interval: int = 10
+    """evaluate every this many iterations, and at start and end (IMDB 10, CommonGen 50, TL;DR 100)"""
+    eval_samples: int = 500
+    """validation prompts per evaluation (CommonGen 993)"""
+    beta: float = 0.8
+    """probability of a switch point k > 0 in either phase (paper 0.8)"""
+    p_ppo_pp: float = 0.8
+    """probability that an iteration is PPO++ (else AggreVaTeD); paper 0.8"""
 
 
 ALGO = "lols"
@@ -248,12 +138,9 @@ def masked_whiten(x, mask, world: int = 1):
 
 
 def kl_per_token(logprobs, ref_logprobs, estimator: str):
+    """k1: log pi_theta - log pi_ref; k3: (r - 1) - log r with r = pi_ref / pi_theta."""
     log_ratio = logprobs - ref_logprobs
-    if estimator == "k1":
-        return log_ratio
-    if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise UsageError(f"--kl-estimator must be k1 or k3, not {estimator!r}")
+    return log_ratio if estimator == "k1" else torch.expm1(-log_ratio) + log_ratio
 
 
 class AdaptiveKL:
@@ -268,309 +155,173 @@ class AdaptiveKL:
             self.value *= 1 + err * n / self.horizon
 
 
-def check_args(args: Args, world: int):
-    rt.check_settings(args, world)  # the settings every script shares
-    if args.kl_estimator not in ("k1", "k3"):
-        raise UsageError(f"--kl-estimator must be k1 or k3, not {args.kl_estimator!r}")
-    if args.lr_schedule not in ("linear", "constant"):
-        raise UsageError(f"--lr-schedule must be linear or constant, not {args.lr_schedule!r}")
-
-
 @one_line_errors
 def main(args: Args):
-    rt.quiet_libraries()
-    args = rt.resume_settings(args, ALGO)  # --resume: the run's own settings (its args.json)
-    task = get_task(args.task)
-    data_dir = resolve_data_dir(args.data_dir)
-    args = fill_presets(args, task.name, args.preset, aliases=PRESET_ALIASES)
-    args = dataclasses.replace(
-        args, min_new_tokens=task.min_new_tokens if args.min_new_tokens is None else args.min_new_tokens,
-        max_new_tokens=task.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
-        save_interval=args.eval_interval if args.save_interval is None else args.save_interval)
-    world = rt.world_size()
-    args = dataclasses.replace(args, micro_batch_size=max(1, args.minibatch_size // world)
-                               if args.micro_batch_size is None else args.micro_batch_size)
-    check_args(args, world)  # every setting, before any data, model or run folder is touched
-    run_dir = rt.run_dir_of(args, ALGO, task.name)
-    rank, world, device = rt.setup_device(args.device, args.bf16, args.fsdp)
-    setup = rt.model_setup(args, device)  # LoRA / 4-bit settings, checked before anything is loaded
-    log = print if rank == 0 else (lambda *a, **k: None)
-    evaluates = rank == 0 or args.fsdp  # a sharded policy samples only with every process taking part
-
-    # ---- data, models, reward -------------------------------------------------------------------
-    train = task.load("train", data_dir)
-    val = task.load("validation", data_dir, limit=args.eval_samples)
-    policy_path, guide_path = rt.resolve_models(task, args.policy_model, args.guide_model, data_dir, rank, world, log,
-                                                need_guide=args.guide == "model", rebuild=args.rebuild_models)
-    rt.seed_everything(rt.derive_seed(args.seed, "torch", rank))  # each process samples its own rollouts
-    mix_rng = rt.rng_stream(args.seed, "mix", rank)  # mixing coins and switch points: their own stream
-    phase_rng = rt.rng_stream(args.seed, "phase")  # LOLS's per-iteration coin, the same in every process
-    tok, policy, ref, critic = rt.build_policy_ref_critic(
-        policy_path, device, args.prompt_tokens + args.max_new_tokens, args.gradient_checkpointing, setup,
-        chat_template=args.chat_template)
-    # V_psi: the guide's value, AggreVaTeD iterations
-    guide_critic = rt.make_critic(policy_path, tok, device, args.gradient_checkpointing, policy=policy,
-                                  name="guide_critic")
-    # after the policy: a LoRA policy's start model as guide is its base with the adapter off
-    guide = rt.build_guide(args.guide, task, guide_path, None, device, top_p=args.guide_top_p, top_k=args.guide_top_k,
-                           temperature=args.guide_temperature, min_new_tokens=args.min_new_tokens, policy=policy,
-                           setup=setup, server=ServerOptions.from_args(args),
-                           chat_template=args.chat_template)
-    args = dataclasses.replace(args, chat_template="on" if tok.chat_format else "off")  # resolved, for args.json
-    reward_fn = rt.make_reward(task, args.reward_model, train, device, log, setup=setup)
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    params = list(policy.parameters()) + list(critic.parameters()) + list(guide_critic.parameters())
-    # fused: one kernel per step instead of a Python loop over every tensor (~3x faster optimiser step on CPU)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))
-    rt.zero_gradients([policy, critic, guide_critic])  # allocated once, up front (see rt.zero_gradients)
-    kl_ctl = AdaptiveKL(args.kl_coef, args.kl_target, args.kl_horizon)
-    sampler = rt.PromptSampler(len(train), rt.derive_seed(args.seed, "prompts"))  # the same in every process
-    start = 1
-    if args.resume:
-        ck = rt.load_checkpoint(run_dir, ALGO)
-        policy.load_state_dict(ck["policy"]), critic.load_state_dict(ck["critic"])
-        guide_critic.load_state_dict(ck["guide_critic"])
-        optimizer.load_state_dict(ck["optimizer"]), sampler.load_state_dict(ck["sampler"])
-        kl_ctl.value, start = ck["kl_coef"], ck["iteration"] + 1
-        mix_rng.setstate(rt.own_rank(ck["mix_rng"])), phase_rng.setstate(ck["phase_rng"])
-        rt.set_rng_state(ck["rng"])
-    critics = {"ppo++": critic, "aggrevated": guide_critic}
-    policy_t, *critic_handles = rt.wrap_for_training([policy, *critics.values()], optimizer, world, args.fsdp)
-    critics_t = dict(zip(critics, critic_handles))
-    logger = rt.RunLogger(run_dir, args, enabled=rank == 0, resume_from=start if args.resume else None, algo=ALGO)
-    log(f"{ALGO} on {task.name}: guide {getattr(guide, 'name', args.guide)}, beta {args.beta}; policy {policy_path}, {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M "
-        f"params, {world} process(es) on {device}; run folder {run_dir}")
-
-    def run_eval(step):
-        m, rows = rt.evaluate(policy, ref, tok, task, val, reward_fn, args, device, step=step)
-        logger.scalars({f"eval/{k}": v for k, v in m.items()}, step)
-        logger.table("eval/samples", ["prompt", "response", "reward"], rows, step, args.sample_rows)
-        return m
-
-    def checkpoint(it):  # every process: under FSDP the full state dicts are gathered from all of them
-        rt.save_checkpoint(run_dir / "checkpoint.pt", {
-            "script": ALGO,
-            "policy": rt.full_state_dict(policy, rank), "critic": rt.full_state_dict(critics["ppo++"], rank),
-            "guide_critic": rt.full_state_dict(critics["aggrevated"], rank),
-            "optimizer": rt.full_optimizer_state(optimizer, rank),
-            "sampler": sampler.state_dict(), "kl_coef": kl_ctl.value, "iteration": it, "rng": rt.rng_state(), "first_eval": first_eval,
-            "mix_rng": rt.per_rank(mix_rng.getstate()), "phase_rng": phase_rng.getstate()})
-
-    local = args.rollouts_per_iteration // world
-    mb_local = args.minibatch_size // world
-    progress = rt.progress_bar(range(start, args.iterations + 1), enabled=rank == 0)
-    last_eval = None
-    try:
-        first_eval = (ck["first_eval"] if args.resume else run_eval(start - 1)) if evaluates else None
-        for it in progress:
-            t_iter = time.time()
-            frac = 1.0 - (it - 1) / args.iterations
-            lr = args.lr * frac if args.lr_schedule == "linear" else args.lr
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-
-            # ---- line 1: a batch of prompts (this process's slice of the global batch) -----------
-            idx = sampler.next(args.rollouts_per_iteration)[rank * local: (rank + 1) * local]
-            batch = [train[i] for i in idx]
-            queries = rt.encode_prompts(task, tok, batch, args.prompt_tokens)
-
-            # ---- line 0: LOLS's coin: PPO++ with probability p_ppo_pp, else AggreVaTeD ----------
+    args = finish_settings(args, ALGO, PRESET_ALIASES)  # presets, derived sizes, checks: args is final from here on
+    # devices, data, models (the learner's critic V_phi, the guide's V_psi), reward, optimiser; Ctrl-C keeps the policy
+    with Run(args, ALGO, critics=("critic", "guide_critic")) as run:
+        policy, ref, tok, device, world = run.policy, run.ref, run.tok, run.device, run.world
+        critic_of = {"ppo++": "critic", "aggrevated": "guide_critic"}  # V_phi in PPO++, V_psi in AggreVaTeD
+        eos, pad, local, mb_local = run.tok.eos_token_id, run.tok.pad_token_id, run.local, run.mb_local
+        kl_ctl = AdaptiveKL(args.kl_coef, args.kl_target, args.kl_horizon)
+        mix_rng = run.stream("mix")  # mixing coins and switch points: their own stream
+        phase_rng = run.stream("phase", per_process=False)  # LOLS's per-iteration coin, the same in every process
+        for it in run.iterations(kl_ctl=kl_ctl):  # resume, lr schedule; after each: evaluation, checkpoint
+            # ---- line 0: LOLS's coin: PPO++ with probability p_ppo_pp, else AggreVaTeD ---------------
             phase = "ppo++" if phase_rng.random() < args.p_ppo_pp else "aggrevated"
-            critic, critic_t = critics[phase], critics_t[phase]  # V_psi in AggreVaTeD iterations, V_phi in PPO++
+            critic, critic_t = run.critics[critic_of[phase]], run.critics_t[critic_of[phase]]
+
+            # ---- line 1: a batch of prompts (this process's slice of the global batch) -------------
+            batch, queries = run.prompts()
+
             if phase == "ppo++":
                 # ---- line 2: guide roll-in with probability beta, switch point k ~ U{1..len-1} ------
-                t0 = time.time()
                 mixed = [i for i in range(len(batch)) if mix_rng.random() < args.beta]
                 prefixes, guide_full = [[] for _ in batch], []
-                if mixed:
-                    guide_full = guide_continue(guide, tok, [queries[i] for i in mixed], [[] for _ in mixed],
-                                                max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
-                    for i, y_in in zip(mixed, guide_full):
-                        prefixes[i] = y_in[: mix_rng.randint(1, len(y_in) - 1)] if len(y_in) >= 2 else []
-                t_guide = time.time() - t0
+                with run.timer("guide_generate"):
+                    if mixed:
+                        guide_full = guide_continue(run.guide, tok, [queries[i] for i in mixed], [[] for _ in mixed],
+                                                    max_new_tokens=args.max_new_tokens,
+                                                    min_new_tokens=args.min_new_tokens)
+                for i, y_in in zip(mixed, guide_full):
+                    prefixes[i] = y_in[: mix_rng.randint(1, len(y_in) - 1)] if len(y_in) >= 2 else []
                 # ---- line 2: the learner rolls out from x + y_in[:k] --------------------------------
-                t0 = time.time()
-                out = sample(policy, queries, prefixes=prefixes, max_new_tokens=args.max_new_tokens,
-                             min_new_tokens=args.min_new_tokens, eos_id=eos, pad_id=pad, temperature=args.temperature,
-                             device=device)
-                t_gen = time.time() - t0
-                ri, rm = right_pad([p + y for p, y in zip(prefixes, out.tokens)], pad, device=device)
+                with run.timer("generate"):
+                    out = sample(policy, queries, prefixes=prefixes, max_new_tokens=args.max_new_tokens,
+                                 min_new_tokens=args.min_new_tokens, eos_id=eos, pad_id=pad,
+                                 temperature=args.temperature, device=device)
+                completions = [p + y for p, y in zip(prefixes, out.tokens)]  # y = y_in[:k] + y_out
+                ri, rm = right_pad(completions, pad, device=device)
                 rm = rm.float()
                 old_logprobs = rt.right_pad_float([[0.0] * len(p) + lp for p, lp in zip(prefixes, out.logprobs)],
                                                   ri.shape[1], device)  # learner tokens: from sampling (SPEC 4.2)
                 switch = torch.tensor([len(p) for p in prefixes], device=device)
-                learner = rm * (torch.arange(ri.shape[1], device=device)[None] >= switch[:, None]).float()
-                completions = [p + y for p, y in zip(prefixes, out.tokens)]
-                guide_scores_src = ("full guide samples", mixed, guide_full)
+                learner = rm * (torch.arange(ri.shape[1], device=device)[None] >= switch[:, None]).float()  # t >= k
+                guide_rows, guide_full = mixed, guide_full  # the guide's own samples: its full roll-ins
                 table = ("guide part", "learner part", prefixes, out.tokens)
             else:
                 # ---- line 2: the learner rolls in; switch point k ~ U{1..len-1} with probability beta --
-                t0 = time.time()
-                roll_in = sample(policy, queries, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                                 eos_id=eos, pad_id=pad, temperature=args.temperature, device=device)
-                t_gen = time.time() - t0
+                with run.timer("generate"):
+                    roll_in = sample(policy, queries, max_new_tokens=args.max_new_tokens,
+                                     min_new_tokens=args.min_new_tokens, eos_id=eos, pad_id=pad,
+                                     temperature=args.temperature, device=device)
                 ks = [mix_rng.randint(1, len(y) - 1) if mix_rng.random() < args.beta and len(y) >= 2 else 0
                       for y in roll_in.tokens]
                 prefixes = [y[:k] for y, k in zip(roll_in.tokens, ks)]
                 # ---- line 2: the guide rolls out from x + y_in[:k] ----------------------------------
-                t0 = time.time()
-                guide_out = guide_continue(guide, tok, queries, prefixes, max_new_tokens=args.max_new_tokens,
-                                           min_new_tokens=args.min_new_tokens)
-                t_guide = time.time() - t0
-                ri, rm = right_pad([p + y for p, y in zip(prefixes, guide_out)], pad, device=device)
+                with run.timer("guide_generate"):
+                    guide_out = guide_continue(run.guide, tok, queries, prefixes, max_new_tokens=args.max_new_tokens,
+                                               min_new_tokens=args.min_new_tokens)
+                completions = [p + y for p, y in zip(prefixes, guide_out)]  # y = y_in[:k] + y_out
+                ri, rm = right_pad(completions, pad, device=device)
                 rm = rm.float()
                 old_logprobs = rt.right_pad_float([lp[:k] for lp, k in zip(roll_in.logprobs, ks)],
                                                   ri.shape[1], device)  # learner tokens: from sampling (SPEC 4.2)
                 switch = torch.tensor(ks, device=device)
-                learner = rm * (torch.arange(ri.shape[1], device=device)[None] < switch[:, None]).float()
-                completions = [p + y for p, y in zip(prefixes, guide_out)]
-                guide_scores_src = ("k = 0 samples", [i for i, k in enumerate(ks) if k == 0], None)
+                learner = rm * (torch.arange(ri.shape[1], device=device)[None] < switch[:, None]).float()  # t < k
+                guide_rows, guide_full = [i for i, k in enumerate(ks) if k == 0], None  # k = 0: the guide's alone
                 table = ("learner part", "guide part", prefixes, guide_out)
             qi, qm = left_pad(queries, pad, device)
 
-            # ---- line 3: reward, reference log-probs, values ----------------------------------
-            t0 = time.time()
-            with torch.no_grad():
+            # ---- line 3: reward, reference log-probs, values ----------------------------------------
+            with run.timer("forward"), torch.no_grad():
                 ref_logprobs, _ = forward_response(ref, qi, qm, ri, rm.long(), eos_id=eos, pad_id=pad,
                                                    min_new_tokens=args.min_new_tokens, temperature=args.temperature)
                 values = critic(qi, qm, ri, rm.long()) * rm
-            t_fwd = time.time() - t0
-            t0 = time.time()
-            responses = decode(tok, completions)
-            scores = torch.tensor(rt.scored(reward_fn, [e.prompt for e in batch], responses, [e.references for e in batch],
-                                            f"iteration {it}"),
-                                  dtype=torch.float, device=device)
-            _, rows, full = guide_scores_src  # reward of guide-only samples
-            guide_scores = (rt.scored(reward_fn, [batch[i].prompt for i in rows], decode(tok, full), [batch[i].references for i in rows],
-                                      f"iteration {it}")
-                            if full else [scores[i].item() for i in rows]) if rows else []
-            t_rew = time.time() - t0
+            with run.timer("reward"):
+                responses = decode(tok, completions)
+                scores = torch.tensor(run.score(batch, responses, it), dtype=torch.float, device=device)
+                guide_scores = ((run.score([batch[i] for i in guide_rows], decode(tok, guide_full), it) if guide_full
+                                 else [scores[i].item() for i in guide_rows]) if guide_rows else [])
 
-            # ---- line 4: per-token reward: KL penalty on every token, R(x, y) on the last one ---
+            # ---- line 4: per-token reward: KL penalty on every token, R(x, y) on the last one --------
             kl = kl_per_token(old_logprobs, ref_logprobs, args.kl_estimator) * learner
             rewards = -kl_ctl.value * kl
             last = (rm.sum(1).long() - 1).clamp(min=0)
             rewards[torch.arange(len(batch), device=device), last] += scores
+            kl_seq = float(rt.all_reduce_mean(kl.sum(1).mean(), world))
+            kl_ctl.update(kl_seq, args.rollouts_per_iteration)  # the adaptive controller sets the next iteration's
 
-            # ---- line 5: GAE and advantage whitening -------------------------------------------
+            # ---- line 5: GAE and advantage whitening -------------------------------------------------
             advantages, returns = compute_gae(rewards, values, rm, args.gamma, args.lam)
             policy_mask = learner  # the learner's tokens: t >= k in PPO++, t < k in AggreVaTeD (SPEC 5.3)
             value_mask = learner if phase == "ppo++" else rm - learner  # AggreVaTeD: V_psi on the guide completion
             advantages = masked_whiten(advantages, policy_mask, world)
 
-            # ---- line 6: n_epochs of clipped PPO updates over minibatches ----------------------
-            t0 = time.time()
-            stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "ratio", "nll")}
-            for epoch in range(args.n_epochs):
-                perm = torch.randperm(local, device="cpu")
-                for mb_start in range(0, local, mb_local):
-                    mb = perm[mb_start: mb_start + mb_local]
-                    n_pol = policy_mask[mb].sum().clamp(min=1)
-                    n_val = value_mask[mb].sum().clamp(min=1)
-                    rt.zero_gradients([policy, critic], idle=[c for c in critics.values() if c is not critic])
-                    for micro_start in range(0, mb_local, args.micro_batch_size):
-                        mi = mb[micro_start: micro_start + args.micro_batch_size].to(device)
-                        # only this micro-batch's columns: its longest query and response, not the iteration's
-                        q, t = used_columns(qm[mi], rm[mi])
-                        q_ids, q_mask, r_ids, r_mask = qi[mi, q], qm[mi, q], ri[mi, t], rm[mi, t].long()
-                        m_pol, m_val = policy_mask[mi, t], value_mask[mi, t]
-                        new_logprobs, entropy = forward_response(
-                            policy_t, q_ids, q_mask, r_ids, r_mask, eos_id=eos, pad_id=pad,
-                            min_new_tokens=args.min_new_tokens, temperature=args.temperature, with_entropy=True)
-                        log_ratio = (new_logprobs - old_logprobs[mi, t]) * m_pol
-                        ratio = torch.exp(log_ratio)
-                        adv = advantages[mi, t]
-                        pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_range, 1 + args.clip_range))
-                        pg_loss = (pg_losses * m_pol).sum() / n_pol
-                        policy_loss = pg_loss
-                        if args.nll_coef > 0:  # optional NLL on the dataset reference (off by default)
-                            nll = rt.reference_nll(policy_t, tok, task, [batch[j] for j in mi.tolist()], q_ids, q_mask, args)
-                            policy_loss = policy_loss + args.nll_coef * nll * len(mi) / mb_local
-                            stats["nll"].append(nll.detach())
-                        # loss = policy loss + vf_coef * value loss; the two models share no weights, so each part
-                        # is backpropagated alone: the policy's activations are freed before the critic's exist
-                        policy_loss.backward()
-                        v = critic_t(q_ids, q_mask, r_ids, r_mask)
-                        v_old, ret = values[mi, t], returns[mi, t]
-                        v_clip = v_old + (v - v_old).clamp(-args.clip_range_vf, args.clip_range_vf)
-                        vf_losses = torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
-                        vf_loss = 0.5 * (vf_losses * m_val).sum() / n_val
-                        (args.vf_coef * vf_loss).backward()
-                        with torch.no_grad():  # kept on the device: reading a number waits for the GPU
-                            stats["pg_loss"].append(pg_loss * mb_local / len(mi))
-                            stats["vf_loss"].append(vf_loss * mb_local / len(mi))
-                            stats["clipfrac"].append(((ratio - 1).abs() > args.clip_range).float().mul(m_pol).sum() / m_pol.sum().clamp(min=1))
-                            stats["vf_clipfrac"].append(((v - v_old).abs() > args.clip_range_vf).float().mul(m_val).sum() / m_val.sum().clamp(min=1))
-                            stats["approx_kl"].append((0.5 * log_ratio ** 2 * m_pol).sum() / m_pol.sum().clamp(min=1))
-                            stats["entropy"].append((entropy * m_pol).sum() / m_pol.sum().clamp(min=1))
-                            stats["ratio"].append((ratio * m_pol).sum() / m_pol.sum().clamp(min=1))
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                    torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)  # the phase's critic
-                    optimizer.step()
-            # the update's statistics, read from the device at once (so the time counts the GPU's work too)
-            logged = [k for k, v in stats.items() if v]
-            upd = dict(zip(logged, torch.stack([torch.stack(stats[k]).mean() for k in logged]).tolist()))
-            rt.check_finite(upd, f"iteration {it}")  # a NaN loss stops the run; the last checkpoint stays as it was
-            t_upd = time.time() - t0
+            # ---- line 6: n_epochs of clipped PPO updates over minibatches ----------------------------
+            stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "ratio",
+                                     "nll")}
+            with run.timer("update"):
+                for epoch in range(args.n_epochs):
+                    perm = torch.randperm(local, device="cpu")
+                    for mb in perm.split(mb_local):
+                        n_pol, n_val = policy_mask[mb].sum().clamp(min=1), value_mask[mb].sum().clamp(min=1)
+                        rt.zero_gradients([policy, critic], idle=[c for c in run.critics.values() if c is not critic])
+                        for mi in mb.split(args.micro_batch_size):  # plumbing: gradient accumulation
+                            mi = mi.to(device)
+                            q, t = used_columns(qm[mi], rm[mi])  # plumbing: only this micro-batch's columns
+                            q_ids, q_mask, r_ids, r_mask = qi[mi, q], qm[mi, q], ri[mi, t], rm[mi, t].long()
+                            m_pol, m_val = policy_mask[mi, t], value_mask[mi, t]
+                            new_logprobs, entropy = forward_response(
+                                run.policy_t, q_ids, q_mask, r_ids, r_mask, eos_id=eos, pad_id=pad,
+                                min_new_tokens=args.min_new_tokens, temperature=args.temperature, with_entropy=True)
+                            log_ratio = (new_logprobs - old_logprobs[mi, t]) * m_pol
+                            ratio = torch.exp(log_ratio)
+                            adv = advantages[mi, t]
+                            pg_losses = torch.max(-adv * ratio, -adv * ratio.clamp(1 - args.clip_range,
+                                                                                   1 + args.clip_range))
+                            pg_loss = (pg_losses * m_pol).sum() / n_pol
+                            policy_loss = pg_loss
+                            if args.nll_coef > 0:  # optional NLL on the dataset reference (off by default)
+                                nll = rt.reference_nll(run.policy_t, tok, run.task, [batch[j] for j in mi.tolist()],
+                                                       q_ids, q_mask, args)
+                                policy_loss = policy_loss + args.nll_coef * nll * len(mi) / mb_local
+                                stats["nll"].append(nll.detach())
+                            # loss = policy loss + vf_coef * value loss: no shared weights, so each part is
+                            # backpropagated alone and the policy's activations are freed before the critic's exist
+                            policy_loss.backward()
+                            v = critic_t(q_ids, q_mask, r_ids, r_mask)
+                            v_old, ret = values[mi, t], returns[mi, t]
+                            v_clip = v_old + (v - v_old).clamp(-args.clip_range_vf, args.clip_range_vf)
+                            vf_losses = torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
+                            vf_loss = 0.5 * (vf_losses * m_val).sum() / n_val
+                            (args.vf_coef * vf_loss).backward()
+                            with torch.no_grad():  # plumbing: statistics, kept on the device until the end
+                                stats["pg_loss"].append(pg_loss * mb_local / len(mi))
+                                stats["vf_loss"].append(vf_loss * mb_local / len(mi))
+                                for k, x, m in (("clipfrac", (ratio - 1).abs() > args.clip_range, m_pol),
+                                                ("vf_clipfrac", (v - v_old).abs() > args.clip_range_vf, m_val),
+                                                ("approx_kl", 0.5 * log_ratio ** 2, m_pol), ("entropy", entropy, m_pol),
+                                                ("ratio", ratio, m_pol)):
+                                    stats[k].append((x * m).sum() / m.sum().clamp(min=1))
+                        torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                        torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)  # the phase's critic
+                        run.optimizer.step()
+                upd = update_means(stats, f"iteration {it}")  # a NaN loss stops the run; the checkpoint stays
 
-            # ---- logging (fixed metric names, docs/metrics.md) ---------------------------------
-            kl_seq = float(rt.all_reduce_mean(kl.sum(1).mean(), world))
-            kl_ctl.update(kl_seq, args.rollouts_per_iteration)
+            # ---- logging (fixed metric names, docs/metrics.md) ---------------------------------------
             score_mean = float(rt.all_reduce_mean(scores.mean(), world))
-            resid = masked_mean((returns - values) ** 2, value_mask, world) - masked_mean(returns - values, value_mask, world) ** 2
+            err, n_tokens = returns - values, float(rt.all_reduce_mean(rm.sum(), world)) * world
+            resid = masked_mean(err ** 2, value_mask, world) - masked_mean(err, value_mask, world) ** 2
             ret_var = masked_mean(returns ** 2, value_mask, world) - masked_mean(returns, value_mask, world) ** 2
-            n_tokens = float(rt.all_reduce_mean(rm.sum(), world)) * world
-            dt = time.time() - t_iter
             metrics = {
                 "objective/reward": score_mean, "objective/kl": kl_seq, "objective/kl_coef": kl_ctl.value,
-                "objective/rlhf_reward": score_mean - kl_ctl.value * kl_seq,
-                "objective/entropy": upd["entropy"],
-                "loss/policy": upd["pg_loss"], "loss/value": upd["vf_loss"],
-                "policy/clipfrac": upd["clipfrac"], "policy/approx_kl": upd["approx_kl"],
-                "policy/ratio": upd["ratio"], "value/clipfrac": upd["vf_clipfrac"],
+                "objective/rlhf_reward": score_mean - kl_ctl.value * kl_seq, "objective/entropy": upd["entropy"],
+                "loss/policy": upd["pg_loss"], "loss/value": upd["vf_loss"], "policy/clipfrac": upd["clipfrac"],
+                "policy/approx_kl": upd["approx_kl"], "policy/ratio": upd["ratio"],
+                "value/clipfrac": upd["vf_clipfrac"], "train/lr": run.lr,
                 "value/explained_variance": float(1 - resid / ret_var.clamp(min=1e-8)),
-                "train/lr": lr, "train/response_length": n_tokens / args.rollouts_per_iteration,
+                "train/response_length": n_tokens / args.rollouts_per_iteration,
                 "guide/mix_fraction": float((switch > 0).float().mean()),
                 "guide/switch_point": float(switch[switch > 0].float().mean()) if (switch > 0).any() else 0.0,
-                "guide/phase": 1.0 if phase == "ppo++" else 0.0,
+                "guide/phase": 1.0 if phase == "ppo++" else 0.0, "guide/learner_tokens": float(learner.sum(1).mean()),
                 "guide/guide_tokens": float((rm - learner).sum(1).mean()),
-                "guide/learner_tokens": float(learner.sum(1).mean()),
                 "guide/reward_guide_only": float(np.mean(guide_scores)) if guide_scores else float("nan"),
-                "time/guide_generate": t_guide,
-                "time/iteration": dt, "time/generate": t_gen, "time/forward": t_fwd, "time/reward": t_rew,
-                "time/update": t_upd, "time/tokens_per_second": n_tokens / dt,
-            }
-            metrics.update(guide_metrics(guide))  # a server guide: requests, retries, tokens
-            if "nll" in upd:
-                metrics["loss/nll"] = upd["nll"]
-            logger.scalars(metrics, it)
-            if it % args.eval_interval == 0 or it == args.iterations:
-                logger.table(f"train/samples ({phase})", ["prompt", table[0], table[1], "reward"],
-                             rt.mixed_rows([e.prompt for e in batch], decode(tok, table[2]), decode(tok, table[3]),
-                                           scores.tolist()), it, args.sample_rows)
-            progress.set_postfix(reward=f"{score_mean:.3f}", kl=f"{kl_seq:.2f}")
-
-            # ---- line 7: evaluation and checkpoints --------------------------------------------
-            last_eval = None
-            if evaluates and (it % args.eval_interval == 0 or it == args.iterations):
-                last_eval = run_eval(it)
-            if it % args.save_interval == 0 or it == args.iterations:
-                checkpoint(it)
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: keep the policy, say how to continue
-        logger.close()
-        rt.interrupted(e, run_dir, rank, ALGO, lambda: rt.save_interrupted(policy, critics["ppo++"], tok, run_dir), bool(args.resume))
-
-    final = (last_eval if last_eval is not None else run_eval(args.iterations)) if evaluates else None
-    rt.save_final(policy, critics["ppo++"], tok, run_dir)  # every process: under FSDP the weights are gathered
-    if rank == 0:
-        rt.report(first_eval, final, run_dir)
-        print(f"policy saved to {run_dir / 'policy'}")
-        rt.finish(run_dir, args.keep_checkpoint)
-        logger.close()
-        return first_eval, final
-    return None
+                **({"loss/nll": upd["nll"]} if "nll" in upd else {})}
+            run.log(it, metrics, (f"train/samples ({phase})", ["prompt", table[0], table[1], "reward"], rt.mixed_rows(
+                [e.prompt for e in batch], decode(tok, table[2]), decode(tok, table[3]), scores.tolist())))
+        return run.finish()  # final evaluation, the trained policy and critic, eval.json
 
 
 if __name__ == "__main__":
-    main(rt.cli(Args, __doc__, PRESET_ALIASES))
+    main(cli(Args, __doc__, PRESET_ALIASES))

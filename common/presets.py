@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from common.errors import UsageError
+from common.tasks import TASKS
 
 PAPER = {
     "imdb": dict(iterations=50, rollouts_per_iteration=112, minibatch_size=28, n_epochs=5, gamma=0.99, lam=0.95,
@@ -39,6 +40,9 @@ PAPER = {
                  ppo_pp_beta=0.8, aggrevated_beta=1.0, lols_beta=0.8, p_ppo_pp=0.8, d2lols_beta=0.8, tau=200,
                  guide_top_p=0.92, guide_top_k=0),
 }
+
+for _name, _values in PAPER.items():  # the task's lengths (SPEC section 3): prompt cut, new tokens
+    _values.update(min_new_tokens=TASKS[_name].min_new_tokens, max_new_tokens=TASKS[_name].max_new_tokens)
 
 # Embedded defaults: same method, fewer and smaller iterations and 2 epochs (so a run fits in minutes on a
 # 2-core CPU); tau keeps the paper's proportion of the run (CommonGen 100 of 500, TL;DR 200 of 1000) or, for
@@ -141,10 +145,11 @@ def _hub_unreachable(ids: list[str]) -> list[str]:
                                       for f in ("config.json", "adapter_config.json"))]
 
 
-def fill_presets(args, task_name: str, preset: str = "auto", aliases: dict | None = None):
-    """Return a copy of `args` whose fields still at their default take the task's `preset` values (see the
-    module docstring); `aliases` maps a field to the preset key it reads (e.g. beta -> ppo_pp_beta). The hub
-    models an explicit preset selects must be reachable (or cached): else a UsageError."""
+def fill_presets(args, task_name: str, preset: str = "auto", aliases: dict | None = None, given: set | None = None):
+    """Return a copy of `args` whose fields still at their default (or None), and not in `given` (the fields the user
+    set), take the task's `preset` values (see the module docstring); `aliases` maps a field to the preset key it
+    reads (e.g. beta -> ppo_pp_beta). The hub models an explicit preset selects must be reachable (or cached): else
+    a UsageError."""
     name, values = preset_values(preset, task_name, getattr(args, "policy_model", None))
     aliases = aliases or {}
     updates = {}
@@ -153,7 +158,7 @@ def fill_presets(args, task_name: str, preset: str = "auto", aliases: dict | Non
         if key not in values or (f.name == "guide_model" and getattr(args, "guide", "model") != "model"):
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        if getattr(args, f.name) is None or getattr(args, f.name) == default:
+        if getattr(args, f.name) is None or (getattr(args, f.name) == default and f.name not in (given or ())):
             updates[f.name] = values[key]
     hub = [v for k, v in updates.items() if k in MODEL_FIELDS and not os.path.isdir(os.path.expanduser(str(v)))]
     missing = _hub_unreachable(hub) if hub else []

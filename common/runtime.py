@@ -585,7 +585,7 @@ def resume_settings(args, algo: str):
         if k in _RESUME_IGNORED or k not in old:
             continue
         new, was = getattr(args, k), old[k]
-        given = new != f.default or (_CLI_GIVEN is not None and k in _CLI_GIVEN)
+        given = (new is not None and new != f.default) or (_CLI_GIVEN is not None and k in _CLI_GIVEN)
         if not given or new == was:
             updates[k] = was
         elif k in RESUME_MAY_CHANGE:

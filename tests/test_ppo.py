@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import ppo
+from common.settings import check_choices
 from common import runtime as rt
 from common.errors import UsageError
 from common import generation
@@ -642,8 +643,8 @@ def test_kl_zero_for_identical_models_and_k3_nonnegative(tiny_model):
     for est in ("k1", "k3"):
         expect = (logp.exp() * ppo.kl_per_token(logp, logq, est)).sum(-1)
         torch.testing.assert_close(expect, true_kl, atol=1e-5, rtol=1e-4)
-    with pytest.raises(UsageError):
-        ppo.kl_per_token(lp, lp_ref, "k2")
+    with pytest.raises(UsageError, match="--kl-estimator must be k1 or k3"):  # Args' Literal, checked at once
+        check_choices(ppo.Args(kl_estimator="k2"))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import ppo
 import ppo_plus_plus
 from common import models as cm
 from common import runtime as rt
+from common import settings
 from common.errors import Terminated
 from common.tasks import get_task
 from conftest import DATA, REPO, needs_data
@@ -514,26 +515,37 @@ def test_embedded_cache_is_keyed_by_content_rebuilds_on_request_and_is_never_hal
 # ---------------------------------------------------------------------------------------------------
 # --help
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("algo,beta", [("ppo", None), ("ppo_plus_plus", "imdb 0.6"), ("lols", "0.8")])
-def test_help_shows_the_presets_and_a_description(monkeypatch, capsys, algo, beta):
+@pytest.mark.parametrize("algo,task,beta", [("ppo", "imdb", None), ("ppo_plus_plus", "commongen", "0.8"),
+                                            ("lols", "tldr", "0.8")])
+def test_help_shows_the_tasks_values_in_titled_groups(monkeypatch, capsys, algo, task, beta):
+    """--help: the script's own settings first (the algorithm's), then the run, model and guide groups under their
+    titles; every default shown is the value a run of that task would take (its preset), none is None."""
+    from common.presets import EMBEDDED
+
     mod = SCRIPTS[algo]
-    monkeypatch.setattr(sys, "argv", [f"{algo}.py", "--help"])
+    monkeypatch.setattr(sys, "argv", [f"{algo}.py", "--task", task, "--help"])
     monkeypatch.setenv("COLUMNS", "200")
     with pytest.raises(SystemExit) as e:
-        rt.cli(mod.Args, mod.__doc__, mod.PRESET_ALIASES)
+        settings.cli(mod.Args, mod.__doc__, mod.PRESET_ALIASES)
     assert e.value.code == 0
     out = " ".join(re.sub(r"[│╭╮╰╯─]", " ", capsys.readouterr().out).split())
     assert " ".join(mod.__doc__.split("\n\n")[0].split()) in out
-    assert "imdb 40, commongen 60, tldr 32; paper: imdb 50, commongen 500, tldr 1000" in out  # --iterations
-    assert "--max-new-tokens {None}|INT response length limit (default: the task's: imdb 48, commongen 20, tldr 50)" in out
+    assert f"the embedded preset for {task}" in out
+    own, rest = out.split("run options", 1)
+    assert "--iterations INT" in own and "--lr FLOAT" in own and "--lora-r" not in own and "--resume" not in own
+    assert "model options" in rest and "--lora-r INT" in rest.split("model options", 1)[1]
+    assert ("guide options" in rest) == (beta is not None)
+    for flag in ("iterations", "lr", "max_new_tokens", "eval_samples"):
+        shown = out.split(f"--{flag.replace('_', '-')} ", 1)[1].split("(default: ", 1)[1].split(")", 1)[0]
+        assert float(shown) == EMBEDDED[task][flag], (flag, shown)
     assert "--slow-metrics" in out and "--keep-checkpoint" in out and "--rebuild-models" in out
     if beta:
-        assert beta in out.split("--beta", 1)[1].split("--", 1)[0]
+        assert f"(default: {beta})" in out.split("--beta", 1)[1].split("--", 1)[0]
 
 
 def test_cli_notes_the_flags_given(monkeypatch):
     monkeypatch.setattr(rt, "_CLI_GIVEN", None)  # put back after the test
     monkeypatch.setattr(sys, "argv", ["ppo.py", "--task", "imdb", "--no-bf16", "--lr=0.1", "--resume", "x"])
-    args = rt.cli(ppo.Args, ppo.__doc__, ppo.PRESET_ALIASES)
+    args = settings.cli(ppo.Args, ppo.__doc__, ppo.PRESET_ALIASES)
     assert isinstance(args, ppo.Args) and args.lr == 0.1 and args.resume == "x" and args.bf16 is False
     assert rt._CLI_GIVEN == {"task", "bf16", "lr", "resume"}
