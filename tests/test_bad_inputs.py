@@ -93,3 +93,104 @@ def test_fsdp_full_state_dict_keeps_tied_weights_tied_and_saves_like_a_plain_mod
     plain, sharded = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("plain", "fsdp"))
     assert set(plain) == set(sharded) and "lm_head.weight" not in sharded
     assert all(torch.equal(plain[k], sharded[k]) for k in plain)
+
+
+# ---------------------------------------------------------------------------------------------------
+# data: bad values inside rows, null lines, empty files
+# ---------------------------------------------------------------------------------------------------
+def _small_data(tmp_path: Path, task: str, rows: int = 40) -> Path:
+    """A data folder with the first rows of the task's train (and validation) file."""
+    folder, train = FILES[task]
+    out = tmp_path / "data"
+    (out / folder).mkdir(parents=True, exist_ok=True)
+    for name in filter(None, (train, VAL[task])):
+        with open(DATA / folder / name) as f:
+            (out / folder / name).write_text("".join(next(f) for _ in range(rows)))
+    return out
+
+
+def _damage(data: Path, task: str, line: int, field: str | None, raw: str) -> Path:
+    """Line `line` of the task's train file: its `field` replaced by the JSON text `raw`, or the whole line
+    replaced by `raw` (field None). Returns the file."""
+    path = data / FILES[task][0] / FILES[task][1]
+    lines = path.read_text().splitlines(keepends=True)
+    if field is None:
+        lines[line - 1] = raw + "\n"
+    else:
+        row = json.loads(lines[line - 1])
+        row[field] = "@@BAD@@"
+        lines[line - 1] = json.dumps(row).replace('"@@BAD@@"', raw) + "\n"
+    path.write_text("".join(lines))
+    return path
+
+
+BAD_VALUES = [
+    ("imdb", "label", v) for v in ("NaN", "1e999", "-Infinity", '"pos"', "null", "2", "0.5", "true", "[1]")
+] + [("imdb", "text", v) for v in ("12345", "null", '["a"]', "{}")] + [
+    ("commongen", "concepts", v) for v in ('"dog"', "null", "[]", "[1, 2]", '["dog", null]', '["dog", ""]', "{}")
+] + [("commongen", "target", v) for v in ("null", "12", '["a"]', "NaN")] + [
+    ("commongen", "concept_set_idx", v) for v in ("null", '"3"', "1.5", "NaN", "Infinity", "true")
+] + [("tldr", f, v) for f in ("prompt", "label") for v in ("null", "12345", "NaN", '["a"]', "false")]
+
+
+@needs_data
+@pytest.mark.parametrize("task,field,raw", BAD_VALUES, ids=lambda x: str(x))
+def test_bad_value_in_a_row_is_one_line_naming_file_line_and_field(tmp_path, task, field, raw):
+    data = _small_data(tmp_path, task)
+    path = _damage(data, task, 3, field, raw)
+    with pytest.raises(UsageError) as e:
+        get_task(task).load("train", str(data))
+    msg = str(e.value)
+    assert msg.startswith(f"{path}, line 3: field {field!r}"), msg
+    assert "\n" not in msg
+
+
+@needs_data
+@pytest.mark.parametrize("task", list(FILES))
+@pytest.mark.parametrize("raw,what", [("null", "null, not an object"), ("[1, 2]", "a JSON list"),
+                                      ("7", "a JSON int"), ('"row"', "a JSON str")])
+def test_a_line_that_is_not_an_object_is_refused(tmp_path, task, raw, what):
+    data = _small_data(tmp_path, task)
+    path = _damage(data, task, 4, None, raw)
+    with pytest.raises(UsageError, match="line 4") as e:
+        get_task(task).load("train", str(data))
+    assert str(e.value).startswith(f"{path}, line 4: {what}")
+
+
+@needs_data
+@pytest.mark.parametrize("task", list(FILES))
+def test_blank_lines_are_skipped_and_an_empty_file_is_named(tmp_path, task):
+    data = _small_data(tmp_path, task)
+    path = data / FILES[task][0] / FILES[task][1]
+    n = len(get_task(task).load("train", str(data)))
+    path.write_text(path.read_text().replace("\n", "\n\n  \n"))
+    assert len(get_task(task).load("train", str(data))) == n
+    path.write_text("\n")
+    with pytest.raises(UsageError) as e:
+        get_task(task).load("train", str(data))
+    assert str(path) in str(e.value) and "empty" in str(e.value)
+
+
+def test_hub_rows_are_checked_like_local_ones():
+    from common.tasks import _checked
+
+    task = get_task("commongen")
+    rows = [{"concept_set_idx": 0, "concepts": ["dog", "ball"], "target": "A dog."},
+            {"concept_set_idx": 1, "concepts": "dog", "target": "A dog."}]
+    with pytest.raises(UsageError, match=r"allenai/common_gen \(train\): row 2: field 'concepts' is \"dog\""):
+        list(_checked(rows, task, "allenai/common_gen (train)"))
+
+
+@needs_data
+@pytest.mark.parametrize("algo", list(SCRIPTS))
+@pytest.mark.parametrize("task,field,raw", [("imdb", "label", "NaN"), ("imdb", "text", "12345"),
+                                            ("commongen", "concepts", '"dog"'), ("commongen", "target", "null"),
+                                            ("tldr", "label", "null"), ("tldr", None, "null")])
+def test_bad_data_stops_a_script_in_one_line_before_any_model(tmp_path, capsys, no_slow_work, algo, task, field, raw):
+    data = _small_data(tmp_path, task)
+    path = _damage(data, task, 5, field, raw)
+    mod = SCRIPTS[algo]
+    with pytest.raises(SystemExit) as e:
+        mod.main(_args(mod, task, tmp_path / "runs", data_dir=str(data)))
+    _one_error_line(capsys, e, str(path), "line 5", *([f"'{field}'"] if field else ["null"]))
+    assert not (tmp_path / "runs").exists()
