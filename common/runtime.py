@@ -509,7 +509,6 @@ def check_settings(args, world: int) -> None:
     least 1, non-negative seeds and coefficients, probabilities in [0, 1], the device, the guide for the task,
     model paths and the batch hierarchy. A script's own settings are checked by its check_args."""
     from common.guides import RULE_GUIDES
-    from common.models import check_model_path, is_model_alias
 
     def value(name):
         return getattr(args, name, None)
@@ -532,8 +531,10 @@ def check_settings(args, world: int) -> None:
         raise UsageError(f"--device must be auto, cpu or cuda, not {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: this torch sees no CUDA device; use --device cpu (or auto)")
+    setup = None
     if hasattr(args, "lora_r"):  # LoRA and quantization (common.lora)
-        ModelSetup.from_args(args).check(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        setup = ModelSetup.from_args(args)
+        setup.check(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     guide = value("guide")
     if guide is not None:
         from common.guides import is_server_url
@@ -546,10 +547,27 @@ def check_settings(args, world: int) -> None:
             raise UsageError("--guide-model is not used with --guide rule: drop one of them")
     if args.task == "commongen" and args.reward_model:
         raise UsageError("--reward-model is not used by commongen (its reward is CIDEr-D + SPICE)")
-    for name in ("policy_model", "guide_model", "reward_model"):
-        if value(name) and not is_model_alias(value(name)):
-            check_model_path(value(name), _flag(name))
     check_batch_sizes(args.rollouts_per_iteration, args.minibatch_size, args.micro_batch_size, world)
+    check_models(args, setup)
+
+
+def check_models(args, setup: ModelSetup | None = None) -> None:
+    """Every given model, the cheap way (configs only, no weights; common.models.check_model_kind): the policy
+    and a model guide must be causal or seq2seq LMs, the reward model a sequence classifier of the task's kind;
+    with LoRA, --lora-target-modules must name layers of the policy's model (read from its config on the meta
+    device: the task's embedded default when no policy is given). Model aliases (smollm2) are checked once made."""
+    from common.models import check_model_kind, is_model_alias, model_skeleton
+
+    roles = {"policy_model": "lm", "guide_model": "lm", "reward_model": "reward"}
+    for name, role in roles.items():
+        v = getattr(args, name, None)
+        if v and not is_model_alias(v):
+            check_model_kind(v, _flag(name), role, args.task)
+    policy = getattr(args, "policy_model", None)
+    if setup is not None and setup.lora and setup.lora_target_modules and not is_model_alias(policy):
+        skeleton = model_skeleton(policy, args.task)
+        if skeleton is not None:
+            setup.check_targets(skeleton, policy or f"the embedded {args.task} policy")
 
 
 RESUME_MAY_CHANGE = ("iterations", "eval_interval", "save_interval", "sample_rows", "device", "micro_batch_size",

@@ -194,3 +194,113 @@ def test_bad_data_stops_a_script_in_one_line_before_any_model(tmp_path, capsys, 
         mod.main(_args(mod, task, tmp_path / "runs", data_dir=str(data)))
     _one_error_line(capsys, e, str(path), "line 5", *([f"'{field}'"] if field else ["null"]))
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# model folders: the config loads and the kind fits the role, checked before anything slow
+# ---------------------------------------------------------------------------------------------------
+def _config_folder(path: Path, cls: str = "GPT2LMHeadModel", **kw) -> Path:
+    """A model folder with a config.json only (all that the up-front check reads)."""
+    from transformers import GPT2Config
+
+    GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2, architectures=[cls],
+               **kw).save_pretrained(path)
+    return path
+
+
+def _adapter_folder(path: Path, base: str, task_type: str | None = "SEQ_CLS") -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {"peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base, "r": 4, "lora_alpha": 8,
+           "target_modules": ["c_attn"]}
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """Model folders of every kind, by name."""
+    f = {}
+    f["garbage"] = tmp_path / "garbage"
+    f["garbage"].mkdir()
+    (f["garbage"] / "config.json").write_text("this is not json {")
+    (f["garbage"] / "model.safetensors").write_bytes(b"\x00" * 64)
+    f["no config"] = tmp_path / "empty"
+    f["no config"].mkdir()
+    f["a file"] = tmp_path / "model.bin"
+    f["a file"].write_bytes(b"\x00")
+    f["unknown type"] = tmp_path / "unknown"
+    f["unknown type"].mkdir()
+    (f["unknown type"] / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    f["lm"] = _config_folder(tmp_path / "lm")
+    f["classifier-1"] = _config_folder(tmp_path / "cls1", "GPT2ForSequenceClassification", num_labels=1)
+    f["classifier-2"] = _config_folder(tmp_path / "cls2", "GPT2ForSequenceClassification", num_labels=2)
+    f["token classifier"] = _config_folder(tmp_path / "tok", "GPT2ForTokenClassification")
+    f["reward adapter"] = _adapter_folder(tmp_path / "rm-adapter", str(f["classifier-1"]))
+    f["lm adapter"] = _adapter_folder(tmp_path / "lm-adapter", str(f["lm"]), "CAUSAL_LM")
+    f["adapter, base missing"] = _adapter_folder(tmp_path / "orphan", str(tmp_path / "no-such-base"))
+    f["adapter, garbage config"] = tmp_path / "bad-adapter"
+    f["adapter, garbage config"].mkdir()
+    (f["adapter, garbage config"] / "adapter_config.json").write_text("[1, 2")
+    return f
+
+
+REFUSED = [  # role, task, folder, words of the error line
+    ("lm", "commongen", "garbage", "config.json cannot be read"), ("lm", "tldr", "no config", "no config.json"),
+    ("lm", "imdb", "a file", "is a file"), ("lm", "commongen", "unknown type", "config.json cannot be read"),
+    ("lm", "tldr", "classifier-1", "sequence classifier"), ("lm", "tldr", "token classifier", "token classifier"),
+    ("lm", "tldr", "reward adapter", "task_type SEQ_CLS"),
+    ("reward", "tldr", "garbage", "config.json cannot be read"), ("reward", "imdb", "garbage", "config.json"),
+    ("reward", "tldr", "no config", "no config.json"), ("reward", "imdb", "a file", "is a file"),
+    ("reward", "tldr", "lm", "not a sequence classifier"), ("reward", "imdb", "lm", "not a sequence classifier"),
+    ("reward", "tldr", "classifier-2", "num_labels 1"), ("reward", "imdb", "classifier-1", "at least 2"),
+    ("reward", "tldr", "lm adapter", "task_type CAUSAL_LM"), ("reward", "tldr", "adapter, base missing", "its base model"),
+    ("reward", "imdb", "adapter, garbage config", "adapter_config.json cannot be read"),
+]
+ACCEPTED = [("lm", "tldr", "lm"), ("lm", "commongen", "lm adapter"), ("reward", "tldr", "classifier-1"),
+            ("reward", "imdb", "classifier-2"), ("reward", "tldr", "reward adapter")]
+
+
+@pytest.mark.parametrize("role,task,name,words", REFUSED, ids=lambda x: str(x))
+def test_a_model_of_the_wrong_kind_is_one_line(folders, role, task, name, words):
+    flag = "--reward-model" if role == "reward" else "--policy-model"
+    with pytest.raises(UsageError) as e:
+        cm.check_model_kind(str(folders[name]), flag, role, task)
+    assert flag in str(e.value) and words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("role,task,name", ACCEPTED, ids=lambda x: str(x))
+def test_a_model_of_the_right_kind_passes(folders, role, task, name):
+    cm.check_model_kind(str(folders[name]), "--x", role, task)
+
+
+def test_a_hub_id_that_is_not_cached_is_left_to_the_loader(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    cm.check_model_kind("someone-unknown/not-a-cached-model", "--reward-model", "reward", "tldr")
+
+
+MODEL_CASES = [  # flag, task, folder, words
+    ("reward_model", "tldr", "garbage", "--reward-model"), ("reward_model", "imdb", "lm", "--reward-model"),
+    ("reward_model", "tldr", "classifier-2", "num_labels 1"), ("policy_model", "commongen", "garbage", "--policy-model"),
+    ("policy_model", "tldr", "classifier-1", "--policy-model"), ("guide_model", "commongen", "no config", "--guide-model"),
+    ("guide_model", "tldr", "token classifier", "--guide-model"),
+]
+
+
+@needs_data
+@pytest.mark.parametrize("algo", list(SCRIPTS))
+@pytest.mark.parametrize("field,task,name,words", MODEL_CASES, ids=lambda x: str(x))
+def test_a_bad_model_stops_a_script_before_data_and_builds(folders, tmp_path, capsys, no_slow_work, monkeypatch,
+                                                          algo, field, task, name, words):
+    """The issue's case: a garbage --reward-model on TL;DR without cached models failed after the whole embedded
+    build. Now it is refused with the settings, before the data is read."""
+    mod = SCRIPTS[algo]
+    if field == "guide_model" and mod is ppo:
+        pytest.skip("ppo has no guide")
+    kw = {field: str(folders[name])}
+    if field == "guide_model":
+        kw["guide"] = "model"
+    monkeypatch.setattr(get_task(task).__class__, "load", lambda *a, **k: pytest.fail("data read first"))
+    with pytest.raises(SystemExit) as e:
+        mod.main(_args(mod, task, tmp_path / "runs", **kw))
+    _one_error_line(capsys, e, words)
