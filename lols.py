@@ -339,7 +339,7 @@ def main(args: Args):
     policy_t, *critic_handles = rt.wrap_for_training([policy, *critics.values()], optimizer, world, args.fsdp)
     critics_t = dict(zip(critics, critic_handles))
     logger = rt.RunLogger(run_dir, args, enabled=rank == 0, resume_from=start if args.resume else None, algo=ALGO)
-    log(f"{ALGO} on {task.name}: guide {getattr(guide, 'name', args.guide)}, beta {args.beta}; policy {policy_path}, {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M "
+    log(f"{ALGO} on {task.name}: guide {getattr(guide, 'name', args.guide)}, beta {args.beta}; policy {policy_path}, {rt.describe_params(policy)} "
         f"params, {world} process(es) on {device}; run folder {run_dir}")
 
     def run_eval(step):

@@ -277,7 +277,7 @@ def main(args: Args):
         rt.set_rng_state(ck["rng"])
     policy_t, critic_t = rt.wrap_for_training([policy, critic], optimizer, world, args.fsdp)
     logger = rt.RunLogger(run_dir, args, enabled=rank == 0, resume_from=start if args.resume else None, algo=ALGO)
-    log(f"{ALGO} on {task.name}: policy {policy_path}, {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M "
+    log(f"{ALGO} on {task.name}: policy {policy_path}, {rt.describe_params(policy)} "
         f"params, {world} process(es) on {device}; run folder {run_dir}")
 
     def run_eval(step):

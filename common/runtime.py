@@ -782,6 +782,16 @@ def check_finite(stats: dict, where: str) -> None:
                         "is kept (a lower --lr may help)")
 
 
+def describe_params(policy) -> str:
+    """The policy's size for a run's start line, followed there by "params": "5.3M" (full fine-tuning: every
+    weight trains), "0.5M trainable of 135.0M" with LoRA (the adapter's weights of the base + adapter)."""
+    if not isinstance(policy, LoraPolicy):
+        return f"{sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M"
+    trainable = sum(p.numel() for p in policy.parameters())
+    base = sum(p.numel() for n, p in policy.lm.named_parameters() if "lora_" not in n)
+    return f"{trainable / 1e6:.1f}M trainable of {(base + trainable) / 1e6:.1f}M"
+
+
 def save_final(policy, critic, tok, run_dir: Path):
     """The trained policy, loadable with AutoModelForCausalLM.from_pretrained(run_dir / 'policy'); with LoRA,
     the adapter (AutoPeftModelForCausalLM.from_pretrained(run_dir / 'policy'), critic adapters in sub-folders

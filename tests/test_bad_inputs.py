@@ -304,3 +304,71 @@ def test_a_bad_model_stops_a_script_before_data_and_builds(folders, tmp_path, ca
     with pytest.raises(SystemExit) as e:
         mod.main(_args(mod, task, tmp_path / "runs", **kw))
     _one_error_line(capsys, e, words)
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA settings
+# ---------------------------------------------------------------------------------------------------
+@needs_data
+@pytest.mark.parametrize("algo", list(SCRIPTS))
+@pytest.mark.parametrize("kw,words", [
+    (dict(lora_target_modules=("nosuchmodule",)), "--lora-target-modules nosuchmodule matches no module"),
+    (dict(lora_target_modules=("c_attn", "nosuchmodule")), "nosuchmodule"),
+    (dict(lora_target_modules=("attn",)), "matches no linear"),  # GPT2Attention: not a layer LoRA adapts
+    (dict(lora_alpha=-1.0), "--lora-alpha"), (dict(lora_alpha=0.0), "--lora-alpha"),
+    (dict(lora_alpha=float("nan")), "--lora-alpha"), (dict(lora_dropout=1.0), "--lora-dropout"),
+    (dict(lora_dropout=-0.1), "--lora-dropout")], ids=str)
+@pytest.mark.parametrize("given", [True, False], ids=["policy folder", "embedded default"])
+def test_bad_lora_settings_are_one_line_before_any_model(tiny_model, tmp_path, capsys, no_slow_work, algo, kw,
+                                                         words, given):
+    mod = SCRIPTS[algo]
+    model = {"policy_model": str(tiny_model("commongen"))} if given else {}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        mod.main(_args(mod, "commongen", tmp_path / "runs", lora_r=4, **model, **kw))
+    _one_error_line(capsys, e, words)
+
+
+def test_lora_targets_are_checked_on_the_loaded_model_too(tiny_model):
+    """Where the model could not be read up front (a hub id not cached), the loaded model is checked before peft."""
+    from transformers import AutoModelForCausalLM
+
+    from common.lora import ModelSetup, wrap_policy
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("commongen"))
+    with pytest.raises(UsageError, match="--lora-target-modules nosuchmodule matches no module of x: choose among"):
+        wrap_policy(model, ModelSetup(lora_r=4, lora_target_modules=("nosuchmodule",)), "x")
+    for good in (("c_attn",), ("all-linear",), None):
+        ModelSetup(lora_r=4, lora_target_modules=good).check_targets(model, "x")
+
+
+@needs_data
+def test_a_lora_run_prints_no_future_warning_and_both_sizes(tiny_model, tmp_path, capsys):
+    """transformers' FutureWarning about is_gradient_checkpointing (read by peft) is not shown; the start line
+    gives the trainable and the total size under LoRA, the size alone without."""
+    model = tiny_model("commongen")
+    for lora_r in (0, 4):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ppo.main(_args(ppo, "commongen", tmp_path, policy_model=str(model), run_name=f"r{lora_r}", lora_r=lora_r))
+        assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
+        start = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("ppo on commongen"))
+        if lora_r:
+            assert " trainable of " in start and "M params" in start, start
+        else:
+            assert "trainable" not in start and "M params" in start, start
+
+
+def test_describe_params():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from common.lora import ModelSetup, wrap_policy
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_positions=32, n_embd=64, n_layer=2, n_head=2))
+    total = sum(p.numel() for p in model.parameters())
+    assert rt.describe_params(model) == f"{total / 1e6:.1f}M"
+    policy = wrap_policy(model, ModelSetup(lora_r=256), "x")
+    trainable = sum(p.numel() for p in policy.parameters())
+    assert 0 < trainable < total
+    assert rt.describe_params(policy) == f"{trainable / 1e6:.1f}M trainable of {(total + trainable) / 1e6:.1f}M"
