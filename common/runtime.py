@@ -498,8 +498,8 @@ def _flag(name: str) -> str:
 
 _AT_LEAST_1 = ("iterations", "rollouts_per_iteration", "minibatch_size", "micro_batch_size", "n_epochs",
                "eval_interval", "eval_samples", "save_interval", "prompt_tokens", "max_new_tokens", "kl_horizon")
-_AT_LEAST_0 = ("seed", "min_new_tokens", "sample_rows", "guide_top_k", "tau")
-_ABOVE_0 = ("temperature", "guide_temperature", "adam_eps", "max_grad_norm", "clip_range", "clip_range_vf", "kl_target")
+_AT_LEAST_0 = ("seed", "min_new_tokens", "sample_rows", "guide_top_k", "tau", "guide_temperature")
+_ABOVE_0 = ("temperature", "adam_eps", "max_grad_norm", "clip_range", "clip_range_vf", "kl_target")
 _NOT_NEGATIVE = ("lr", "weight_decay", "vf_coef", "kl_coef", "nll_coef")
 _FROM_0_TO_1 = ("gamma", "lam", "beta", "p_ppo_pp", "guide_top_p")
 
@@ -541,6 +541,9 @@ def check_settings(args, world: int) -> None:
 
         if guide not in ("model", "rule") and not is_server_url(guide):
             raise UsageError(f"--guide must be model, rule or a server URL (http://HOST:PORT/v1), not {guide!r}")
+        if guide == "model" and value("guide_temperature") == 0:
+            raise UsageError("--guide-temperature must be above 0 for a model guide, which samples; greedy "
+                             "(temperature 0) is for a server guide (--guide http://HOST:PORT/v1)")
         if guide == "rule" and args.task not in RULE_GUIDES:
             raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {args.task}: use --guide model")
         if guide == "rule" and value("guide_model"):

@@ -372,3 +372,40 @@ def test_describe_params():
     trainable = sum(p.numel() for p in policy.parameters())
     assert 0 < trainable < total
     assert rt.describe_params(policy) == f"{trainable / 1e6:.1f}M trainable of {(total + trainable) / 1e6:.1f}M"
+
+
+# ---------------------------------------------------------------------------------------------------
+# --guide-cache: a server guide at temperature 0 (greedy)
+# ---------------------------------------------------------------------------------------------------
+@needs_data
+@pytest.mark.parametrize("algo", [a for a in SCRIPTS if a != "ppo"])
+def test_a_model_guide_at_temperature_0_is_refused_in_one_line(tmp_path, capsys, no_slow_work, algo):
+    mod = SCRIPTS[algo]
+    with pytest.raises(SystemExit) as e:
+        mod.main(_args(mod, "commongen", tmp_path / "runs", guide="model", guide_temperature=0.0))
+    _one_error_line(capsys, e, "--guide-temperature", "server guide")
+    with pytest.raises(SystemExit) as e:
+        mod.main(_args(mod, "commongen", tmp_path / "runs", guide="http://127.0.0.1:9/v1", guide_temperature=-1.0))
+    _one_error_line(capsys, e, "--guide-temperature")
+
+
+@needs_data
+def test_guide_cache_runs_with_a_server_guide_at_temperature_0(tiny_model, tmp_path, monkeypatch):
+    from common.guides import HTTPGuide
+    from test_server_guide import FIXED, Server
+
+    sent = []
+    real_body = HTTPGuide.body
+    monkeypatch.setattr(HTTPGuide, "body", lambda self, *a: sent.append(real_body(self, *a)) or sent[-1])
+    srv = Server(tmp_path, "--fixed-text", FIXED)
+    try:
+        for run in ("a", "b"):
+            ppo_plus_plus.main(_args(ppo_plus_plus, "commongen", tmp_path, policy_model=str(tiny_model("commongen")),
+                                     run_name=run, guide=srv.url, guide_model_name="x", guide_temperature=0.0,
+                                     guide_cache=str(tmp_path / "guide.jsonl"), beta=1.0))
+        served = len(srv.stats()["answers"])
+    finally:
+        srv.stop()
+    assert sent and all(b["temperature"] == 0 for b in sent)
+    assert served == len(sent) // 2  # the second run's requests were all answered from the cache
+    assert (tmp_path / "b" / "eval.json").is_file()
