@@ -13,6 +13,7 @@ the same weights however busy the machine is; `--rebuild-models` (or deleting th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -550,7 +551,60 @@ def embedded_models(task: Task, data_dir: str | None, cfg: EmbeddedConfig | None
     policy_dir, guide_dir = root / "policy", root / ("guide" if task.name == "imdb" else "policy")
     if (root / "DONE").exists() and not rebuild:
         return EmbeddedModels(str(policy_dir), str(guide_dir), cfg)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # one build at a time per model: a second process waits for the first, then uses what it built
+    with build_lock(root.parent / f".{task.name}-{key}.lock", log, f"the embedded {task.name} models") as waited:
+        if (root / "DONE").exists() and (waited or not rebuild):
+            log(f"  the embedded {task.name} models were built by the other process: using them")
+            return EmbeddedModels(str(policy_dir), str(guide_dir), cfg)
+        _build_embedded(task, data_dir, cfg, key, root, log, rebuild, progress)
+    return EmbeddedModels(str(policy_dir), str(guide_dir), cfg)
 
+
+@contextlib.contextmanager
+def build_lock(path: Path, log=print, what: str = "it"):
+    """An exclusive lock on the file `path` for the length of the `with` (fcntl.flock); yields whether it had to
+    wait for another process, saying so in one line when it does. The operating system releases the lock when its
+    process ends, however it ends (kill -9 included), so a lock is never stale: a lock file left behind by a killed
+    process is free, and removed by the next holder. No lock where fcntl does not exist (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    waited = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not waited:
+                log(f"another process is building {what}: waiting for it (lock {path})")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:  # Ctrl-C or SIGTERM while waiting
+                os.close(fd)
+                raise
+            waited = True
+        try:  # the holder removes the file before it lets go: a lock on a removed file is no lock, try again
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield waited
+    finally:
+        try:
+            os.unlink(path)  # nothing is left in the cache folder
+        except OSError:
+            pass
+        os.close(fd)  # releases the lock
+
+
+def _build_embedded(task: Task, data_dir: str | None, cfg: EmbeddedConfig, key: str, root: Path, log, rebuild: bool,
+                    progress: bool) -> None:
+    """Build the embedded models into `root` (see `embedded_models`; called with the build lock held)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     log(f"building the embedded {task.name} models in {root} (once; later runs load them in seconds)")
@@ -631,7 +685,6 @@ def embedded_models(task: Task, data_dir: str | None, cfg: EmbeddedConfig | None
         torch.set_num_threads(threads)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return EmbeddedModels(str(policy_dir), str(guide_dir), cfg)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -409,3 +409,59 @@ def test_guide_cache_runs_with_a_server_guide_at_temperature_0(tiny_model, tmp_p
     assert sent and all(b["temperature"] == 0 for b in sent)
     assert served == len(sent) // 2  # the second run's requests were all answered from the cache
     assert (tmp_path / "b" / "eval.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------
+# one build per embedded model
+# ---------------------------------------------------------------------------------------------------
+_BUILDER = """
+import sys, time
+sys.path[:0] = [{repo!r}]
+from common import models as cm
+from common.tasks import get_task
+cfg = cm.EmbeddedConfig(vocab_size=300, n_layer=2, n_embd=64, n_head=2, n_positions=64, prompt_tokens=24, seq_len=40,
+                        sft_steps=6, batch_size=16, length_buckets=2, warmup_steps=2, max_train_texts=300, val_texts=16)
+real = cm.sft
+def slow(*a, **k):
+    time.sleep(float(sys.argv[1]))
+    return real(*a, **k)
+cm.sft = slow
+em = cm.embedded_models(get_task("commongen"), sys.argv[2], cfg, log=lambda m: print(m, flush=True), progress=False)
+print("RESULT", em.policy, flush=True)
+"""
+
+
+@needs_data
+def test_a_second_process_waits_for_the_first_build_and_uses_it(tmp_path):
+    data = _small_data(tmp_path, "commongen", rows=300)
+    script = tmp_path / "build.py"
+    script.write_text(_BUILDER.format(repo=str(REPO)))
+    env = dict(__import__("os").environ, RLGF_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, str(script), "4", str(data)], env=env, stdout=subprocess.PIPE, text=True)
+    lines = [first.stdout.readline()]
+    assert lines[0].startswith("building the embedded commongen models"), lines
+    second = subprocess.run([sys.executable, str(script), "0", str(data)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    out_first = "".join(lines) + first.communicate(timeout=300)[0]
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:]
+    assert "another process is building the embedded commongen models: waiting" in second.stdout
+    assert "built by the other process: using them" in second.stdout
+    assert not any(line.startswith("building the embedded") for line in second.stdout.splitlines())
+    assert "policy SFT" not in second.stdout
+    result = [line for line in (out_first + second.stdout).splitlines() if line.startswith("RESULT")]
+    assert len(result) == 2 and result[0] == result[1]
+
+
+def test_a_build_lock_dies_with_its_process(tmp_path):
+    """No stale lock: the operating system releases it when the holder is killed (kill -9)."""
+    lock = tmp_path / "x.lock"
+    holder = subprocess.Popen([sys.executable, "-c", f"import fcntl, os, sys, time\nfd = os.open({str(lock)!r}, "
+                               "os.O_RDWR | os.O_CREAT)\nfcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\n"
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    said = []
+    holder.kill()
+    holder.wait()
+    with cm.build_lock(lock, said.append, "it") as waited:
+        assert not waited and not said
+    assert not lock.exists()  # removed by the holder that let it go
