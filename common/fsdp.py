@@ -237,11 +237,21 @@ def full_state_dict(model: nn.Module, rank: int = 0) -> dict:
     sd = model.state_dict()
     if not is_sharded(model) and not any(isinstance(v, DTensor) for v in sd.values()):
         return sd
+    # a tied weight (GPT-2's lm_head.weight is transformer.wte.weight) is gathered once and kept as one tensor under
+    # both names, as in `model.state_dict()`: save_pretrained then leaves the copy out as it does without FSDP
+    first: dict = {}
+    tied = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), n) != n and first[id(p)] in sd:
+            tied[n] = first[id(p)]
     out = {}
     for k, v in sd.items():
-        v = _full(v, rank == 0)
-        if rank == 0:
-            out[k] = v
+        if k not in tied:
+            v = _full(v, rank == 0)
+            if rank == 0:
+                out[k] = v
+    if rank == 0:
+        out = {k: out[tied[k]] if k in tied else out[k] for k in sd}
     return out
 
 

@@ -21,7 +21,9 @@ optimiser, the gradient clip and the checkpoints hold nothing else.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +68,9 @@ class ModelSetup:
         """Bad combinations, in one line each, before anything is loaded."""
         if self.lora_r < 0:
             raise UsageError(f"--lora-r must be 0 (off) or positive, not {self.lora_r}")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise UsageError(f"--lora-alpha must be a number above 0 (the adapter's scale is alpha / r), not "
+                             f"{self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UsageError(f"--lora-dropout must be in [0, 1), not {self.lora_dropout}")
         if self.critic not in (None, "adapter", "separate"):
@@ -82,6 +87,22 @@ class ModelSetup:
             why = "no CUDA GPU is available" if not torch.cuda.is_available() else f"the device is {device}"
             raise UsageError(f"{flag} needs a CUDA GPU (bitsandbytes' quantized kernels) and {why}: "
                              f"drop {flag} (LoRA alone runs on the CPU)")
+
+    def check_targets(self, model, name: str) -> None:
+        """Each of --lora-target-modules must name layers of `model` (a module whose name is it or ends in
+        `.` + it, peft's rule) that LoRA can adapt (linear, embedding or convolution layers); `model` may be a
+        skeleton on the meta device. One line listing the names that would do otherwise."""
+        targets = self.lora_target_modules
+        if not self.lora or not targets or tuple(targets) == ("all-linear",):
+            return
+        leaves = {n: m for n, m in model.named_modules() if isinstance(m, _adaptable_types())}
+        for target in targets:
+            named = [n for n, _ in model.named_modules() if n == target or n.endswith("." + target)]
+            if not any(n in leaves for n in named):
+                names = sorted({n.rsplit(".", 1)[-1] for n in leaves if n})
+                what = "matches no module" if not named else "matches no linear, embedding or convolution layer"
+                raise UsageError(f"--lora-target-modules {target} {what} of {name}: choose among "
+                                 f"{', '.join(names[:24])}{' ...' if len(names) > 24 else ''}, or all-linear")
 
     def quantization_config(self):
         """QLoRA's settings: nf4 with double quantization and bf16 compute, or LLM.int8(); None when off."""
@@ -111,6 +132,23 @@ class ModelSetup:
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                           target_modules=targets, bias="none", fan_in_fan_out=conv1d,
                           task_type=TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM)
+
+
+def _adaptable_types() -> tuple:
+    """The layer types peft's LoRA adapts (bitsandbytes' quantized linears are nn.Linear subclasses)."""
+    from transformers.pytorch_utils import Conv1D
+
+    nn = torch.nn
+    return (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model, and transformers
+    5 answers with a FutureWarning on every run; the value is the same as `is_activation_checkpointing`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,7 +282,8 @@ class LoraPolicy(torch.nn.Module):
     def add_adapter(self, name: str) -> list[torch.nn.Parameter]:
         """A further trainable adapter (a critic's) on the same base, with the policy's LoRA settings; returns
         its parameters. The policy's adapter stays the one on outside the views' forwards."""
-        self.peft.add_adapter(name, self.setup.lora_config(self.lm))
+        with quiet_peft():
+            self.peft.add_adapter(name, self.setup.lora_config(self.lm))
         _freeze_base(self.lm)
         for m in _tuner_layers(self.lm):
             m._active_adapter = [POLICY_ADAPTER]
@@ -265,7 +304,8 @@ class LoraPolicy(torch.nn.Module):
             base = auto.from_pretrained(os.path.expanduser(self.path))
             if base.get_input_embeddings().num_embeddings < len(tok):
                 base.resize_token_embeddings(len(tok))
-            merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+            with quiet_peft():
+                merged = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
             merged.config.pad_token_id = tok.pad_token_id
             merged.save_pretrained(str(merged_folder))
             tok.save_pretrained(str(merged_folder))
@@ -281,9 +321,11 @@ def wrap_policy(model, setup: ModelSetup, path: str) -> LoraPolicy:
     """peft's LoRA on a loaded causal LM (prepared for k-bit training first when it was loaded quantized)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if setup.quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    peft_model = get_peft_model(model, setup.lora_config(model), adapter_name=POLICY_ADAPTER)
+    setup.check_targets(model, path)  # before peft, which would end in a traceback
+    with quiet_peft():
+        if setup.quantized:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        peft_model = get_peft_model(model, setup.lora_config(model), adapter_name=POLICY_ADAPTER)
     _freeze_base(peft_model.get_base_model())
     return LoraPolicy(peft_model, setup, path)
 

@@ -13,6 +13,7 @@ the same weights however busy the machine is; `--rebuild-models` (or deleting th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -47,6 +48,148 @@ def check_model_path(name: str, what: str) -> None:
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or not name.strip():
         raise UsageError(f"{what} {name!r} does not exist: pass a folder saved with save_pretrained or a hub id")
+
+
+def _model_file(name: str, filename: str) -> str | None:
+    """The path of `filename` of a model: in its folder, or in the local Hugging Face cache for a hub id (None when
+    it is not there; nothing is downloaded)."""
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        f = os.path.join(path, filename)
+        return f if os.path.isfile(f) else None
+    if os.path.exists(path) or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        f = try_to_load_from_cache(name, filename)
+    except Exception:  # not a valid repo id
+        return None
+    return f if isinstance(f, str) and os.path.isfile(f) else None
+
+
+def model_config(name: str, flag: str):
+    """The transformers config of a model folder (one UsageError line when it cannot be read), or of a hub id
+    whose config.json is in the local cache; None for a hub id that is not cached (loading it later says what is
+    wrong)."""
+    from transformers import AutoConfig
+
+    local = os.path.isdir(os.path.expanduser(name))
+    if _model_file(name, "config.json") is None:
+        if local:
+            raise UsageError(f"{flag} {name!r} has no config.json: pass a folder saved with save_pretrained")
+        return None
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(name), local_files_only=True)
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise UsageError(f"{flag} {name!r}: its config.json cannot be read ({why}); pass a folder saved with "
+                         "save_pretrained") from None
+
+
+_OTHER_HEADS = {"ForSequenceClassification": "a sequence classifier", "ForTokenClassification": "a token classifier",
+                "ForQuestionAnswering": "a question-answering model", "ForMaskedLM": "a masked LM",
+                "ForMultipleChoice": "a multiple-choice model", "ForPreTraining": "a pre-training model",
+                "ForImageClassification": "an image classifier", "ForCTC": "a speech model"}
+_LM_ROLE = "a causal LM or a seq2seq LM (saved from AutoModelForCausalLM or AutoModelForSeq2SeqLM)"
+
+
+def _check_config_kind(config, name: str, flag: str, role: str, task_name: str | None, adapter_base: bool = False):
+    """The model's kind (its config's architectures and model type) against its role ('lm' or 'reward')."""
+    from transformers.models.auto import modeling_auto as auto
+
+    mtype = getattr(config, "model_type", None)
+    archs = [str(a) for a in (getattr(config, "architectures", None) or [])]
+    if role == "lm":
+        heads = [next((what for suffix, what in _OTHER_HEADS.items() if a.endswith(suffix)), None) for a in archs]
+        if archs and all(heads):
+            raise UsageError(f"{flag} {name!r} is a {archs[0]} ({heads[0]}): it needs {_LM_ROLE}")
+        seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+        mapping = auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES if seq2seq else auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        if mtype not in mapping:
+            raise UsageError(f"{flag} {name!r}: transformers has no {'seq2seq' if seq2seq else 'causal'} LM for its "
+                             f"model type {mtype!r}; it needs {_LM_ROLE}")
+        return
+    wanted = ("a sequence classifier with one output (num_labels 1), the learned reward" if task_name == "tldr"
+              else "a sequence classifier with at least two labels (negative, positive)")
+    if not adapter_base and archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise UsageError(f"{flag} {name!r} is a {archs[0]}, not a sequence classifier: the {task_name} reward needs "
+                         f"{wanted} (saved from AutoModelForSequenceClassification)")
+    if mtype not in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        raise UsageError(f"{flag} {name!r}: transformers has no sequence classifier for its model type {mtype!r}; "
+                         f"the {task_name} reward needs {wanted}")
+    if adapter_base:
+        return
+    n = config.num_labels
+    if task_name == "tldr" and n != 1:
+        raise UsageError(f"{flag} {name!r} has {n} labels: a reward model must have num_labels 1")
+    if task_name == "imdb" and n < 2:
+        raise UsageError(f"{flag} {name!r} has {n} label(s): a sentiment classifier needs at least 2 (negative, "
+                         "positive)")
+
+
+def check_model_kind(name: str, flag: str, role: str, task_name: str | None = None) -> None:
+    """The cheap check of a given model, before any data, build or load: its config loads (config.json; for a PEFT
+    adapter, its adapter_config.json and its base model's config) and its kind fits `role`: 'lm' (the policy, a
+    model guide) a causal or seq2seq LM, 'reward' a sequence classifier (TL;DR: one output; IMDB: at least two
+    labels). A local folder is always checked, a hub id only as far as its files are in the local Hugging Face
+    cache. One UsageError line otherwise."""
+    check_model_path(name, flag)
+    path = os.path.expanduser(name)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {name!r} is a file: pass a folder saved with save_pretrained or a hub id")
+    adapter = _model_file(name, "adapter_config.json")
+    if adapter is None:
+        config = model_config(name, flag)
+        if config is not None:
+            _check_config_kind(config, name, flag, role, task_name)
+        return
+    try:
+        from peft import PeftConfig
+
+        pcfg = PeftConfig.from_pretrained(os.path.dirname(adapter))
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise UsageError(f"{flag} {name!r}: its adapter_config.json cannot be read ({why})") from None
+    task_type = str(getattr(pcfg.task_type, "value", pcfg.task_type)) if pcfg.task_type else None
+    allowed = ("CAUSAL_LM", "SEQ_2_SEQ_LM") if role == "lm" else ("SEQ_CLS",)
+    if task_type is not None and task_type not in allowed:
+        raise UsageError(f"{flag} {name!r} is a PEFT adapter with task_type {task_type}: it needs "
+                         f"{' or '.join(allowed)}" + (" (a sequence classifier that saves its score head)"
+                                                      if role == "reward" else ""))
+    base = pcfg.base_model_name_or_path
+    if not base:
+        raise UsageError(f"{flag} {name!r}: the adapter does not name its base model (base_model_name_or_path in "
+                         "adapter_config.json)")
+    what = f"{flag} {name!r}: its base model"
+    check_model_path(base, what)
+    config = model_config(base, what)
+    if config is not None:
+        _check_config_kind(config, base, f"{flag} {name!r}: its base model", role, task_name, adapter_base=True)
+
+
+def model_skeleton(name: str | None, task_name: str):
+    """The causal or seq2seq LM of `name` on the meta device (module names and types, no weights): from its config
+    when readable without a download (None otherwise, e.g. a PEFT adapter or an uncached hub id); `name` None:
+    the task's embedded default (a GPT-2 of the embedded config's shape)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, GPT2Config
+
+    if name is None:
+        cfg = EMBEDDED[task_name]
+        config = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+                            n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=0, eos_token_id=0)
+    else:
+        if _model_file(name, "adapter_config.json") is not None:
+            return None
+        config = model_config(name, "--policy-model")
+        if config is None:
+            return None
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            return auto.from_config(config)
+    except Exception:  # the model's own loading says what is wrong
+        return None
 
 
 def load_tokenizer(name: str):
@@ -408,7 +551,60 @@ def embedded_models(task: Task, data_dir: str | None, cfg: EmbeddedConfig | None
     policy_dir, guide_dir = root / "policy", root / ("guide" if task.name == "imdb" else "policy")
     if (root / "DONE").exists() and not rebuild:
         return EmbeddedModels(str(policy_dir), str(guide_dir), cfg)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # one build at a time per model: a second process waits for the first, then uses what it built
+    with build_lock(root.parent / f".{task.name}-{key}.lock", log, f"the embedded {task.name} models") as waited:
+        if (root / "DONE").exists() and (waited or not rebuild):
+            log(f"  the embedded {task.name} models were built by the other process: using them")
+            return EmbeddedModels(str(policy_dir), str(guide_dir), cfg)
+        _build_embedded(task, data_dir, cfg, key, root, log, rebuild, progress)
+    return EmbeddedModels(str(policy_dir), str(guide_dir), cfg)
 
+
+@contextlib.contextmanager
+def build_lock(path: Path, log=print, what: str = "it"):
+    """An exclusive lock on the file `path` for the length of the `with` (fcntl.flock); yields whether it had to
+    wait for another process, saying so in one line when it does. The operating system releases the lock when its
+    process ends, however it ends (kill -9 included), so a lock is never stale: a lock file left behind by a killed
+    process is free, and removed by the next holder. No lock where fcntl does not exist (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    waited = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not waited:
+                log(f"another process is building {what}: waiting for it (lock {path})")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:  # Ctrl-C or SIGTERM while waiting
+                os.close(fd)
+                raise
+            waited = True
+        try:  # the holder removes the file before it lets go: a lock on a removed file is no lock, try again
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield waited
+    finally:
+        try:
+            os.unlink(path)  # nothing is left in the cache folder
+        except OSError:
+            pass
+        os.close(fd)  # releases the lock
+
+
+def _build_embedded(task: Task, data_dir: str | None, cfg: EmbeddedConfig, key: str, root: Path, log, rebuild: bool,
+                    progress: bool) -> None:
+    """Build the embedded models into `root` (see `embedded_models`; called with the build lock held)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     log(f"building the embedded {task.name} models in {root} (once; later runs load them in seconds)")
@@ -489,7 +685,6 @@ def embedded_models(task: Task, data_dir: str | None, cfg: EmbeddedConfig | None
         torch.set_num_threads(threads)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return EmbeddedModels(str(policy_dir), str(guide_dir), cfg)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -136,7 +136,10 @@ def load_classifier(model_name_or_path: str, quantization=None, num_labels: int 
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))  # the adapter was trained with the grown vocabulary
     path = os.path.expanduser(str(model_name_or_path))
-    return tokenizer, PeftModel.from_pretrained(model, path if os.path.isdir(path) else model_name_or_path)
+    from common.lora import quiet_peft
+
+    with quiet_peft():
+        return tokenizer, PeftModel.from_pretrained(model, path if os.path.isdir(path) else model_name_or_path)
 
 
 def ensure_pad_token(tokenizer, model) -> None:

@@ -498,8 +498,8 @@ def _flag(name: str) -> str:
 
 _AT_LEAST_1 = ("iterations", "rollouts_per_iteration", "minibatch_size", "micro_batch_size", "n_epochs",
                "eval_interval", "eval_samples", "save_interval", "prompt_tokens", "max_new_tokens", "kl_horizon")
-_AT_LEAST_0 = ("seed", "min_new_tokens", "sample_rows", "guide_top_k", "tau")
-_ABOVE_0 = ("temperature", "guide_temperature", "adam_eps", "max_grad_norm", "clip_range", "clip_range_vf", "kl_target")
+_AT_LEAST_0 = ("seed", "min_new_tokens", "sample_rows", "guide_top_k", "tau", "guide_temperature")
+_ABOVE_0 = ("temperature", "adam_eps", "max_grad_norm", "clip_range", "clip_range_vf", "kl_target")
 _NOT_NEGATIVE = ("lr", "weight_decay", "vf_coef", "kl_coef", "nll_coef")
 _FROM_0_TO_1 = ("gamma", "lam", "beta", "p_ppo_pp", "guide_top_p")
 
@@ -509,7 +509,6 @@ def check_settings(args, world: int) -> None:
     least 1, non-negative seeds and coefficients, probabilities in [0, 1], the device, the guide for the task,
     model paths and the batch hierarchy. A script's own settings are checked by its check_args."""
     from common.guides import RULE_GUIDES
-    from common.models import check_model_path, is_model_alias
 
     def value(name):
         return getattr(args, name, None)
@@ -532,24 +531,46 @@ def check_settings(args, world: int) -> None:
         raise UsageError(f"--device must be auto, cpu or cuda, not {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: this torch sees no CUDA device; use --device cpu (or auto)")
+    setup = None
     if hasattr(args, "lora_r"):  # LoRA and quantization (common.lora)
-        ModelSetup.from_args(args).check(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        setup = ModelSetup.from_args(args)
+        setup.check(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     guide = value("guide")
     if guide is not None:
         from common.guides import is_server_url
 
         if guide not in ("model", "rule") and not is_server_url(guide):
             raise UsageError(f"--guide must be model, rule or a server URL (http://HOST:PORT/v1), not {guide!r}")
+        if guide == "model" and value("guide_temperature") == 0:
+            raise UsageError("--guide-temperature must be above 0 for a model guide, which samples; greedy "
+                             "(temperature 0) is for a server guide (--guide http://HOST:PORT/v1)")
         if guide == "rule" and args.task not in RULE_GUIDES:
             raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {args.task}: use --guide model")
         if guide == "rule" and value("guide_model"):
             raise UsageError("--guide-model is not used with --guide rule: drop one of them")
     if args.task == "commongen" and args.reward_model:
         raise UsageError("--reward-model is not used by commongen (its reward is CIDEr-D + SPICE)")
-    for name in ("policy_model", "guide_model", "reward_model"):
-        if value(name) and not is_model_alias(value(name)):
-            check_model_path(value(name), _flag(name))
     check_batch_sizes(args.rollouts_per_iteration, args.minibatch_size, args.micro_batch_size, world)
+    check_models(args, setup)
+
+
+def check_models(args, setup: ModelSetup | None = None) -> None:
+    """Every given model, the cheap way (configs only, no weights; common.models.check_model_kind): the policy
+    and a model guide must be causal or seq2seq LMs, the reward model a sequence classifier of the task's kind;
+    with LoRA, --lora-target-modules must name layers of the policy's model (read from its config on the meta
+    device: the task's embedded default when no policy is given). Model aliases (smollm2) are checked once made."""
+    from common.models import check_model_kind, is_model_alias, model_skeleton
+
+    roles = {"policy_model": "lm", "guide_model": "lm", "reward_model": "reward"}
+    for name, role in roles.items():
+        v = getattr(args, name, None)
+        if v and not is_model_alias(v):
+            check_model_kind(v, _flag(name), role, args.task)
+    policy = getattr(args, "policy_model", None)
+    if setup is not None and setup.lora and setup.lora_target_modules and not is_model_alias(policy):
+        skeleton = model_skeleton(policy, args.task)
+        if skeleton is not None:
+            setup.check_targets(skeleton, policy or f"the embedded {args.task} policy")
 
 
 RESUME_MAY_CHANGE = ("iterations", "eval_interval", "save_interval", "sample_rows", "device", "micro_batch_size",
@@ -762,6 +783,16 @@ def check_finite(stats: dict, where: str) -> None:
     if bad:
         raise RunFailed(f"{where}: {', '.join(bad)} is not finite (NaN or inf): the run stops; the last checkpoint "
                         "is kept (a lower --lr may help)")
+
+
+def describe_params(policy) -> str:
+    """The policy's size for a run's start line, followed there by "params": "5.3M" (full fine-tuning: every
+    weight trains), "0.5M trainable of 135.0M" with LoRA (the adapter's weights of the base + adapter)."""
+    if not isinstance(policy, LoraPolicy):
+        return f"{sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M"
+    trainable = sum(p.numel() for p in policy.parameters())
+    base = sum(p.numel() for n, p in policy.lm.named_parameters() if "lora_" not in n)
+    return f"{trainable / 1e6:.1f}M trainable of {(base + trainable) / 1e6:.1f}M"
 
 
 def save_final(policy, critic, tok, run_dir: Path):

@@ -126,27 +126,32 @@ def hub_offline_if_unreachable(host: str = "huggingface.co") -> None:
 # ---------------------------------------------------------------------------------------------------
 # raw rows: hub or local JSONL, same schema
 # ---------------------------------------------------------------------------------------------------
-def _read_jsonl(path: Path, need: tuple = ()) -> Iterator[dict]:
+def _read_jsonl(path: Path, need: tuple = (), check=None) -> Iterator[dict]:
     """The rows one at a time, so a split's raw rows are never all held at once: loading CommonGen's train and
     validation splits grew the process by 56-58 MiB with the rows in a list, by 38 MiB one at a time. A line that
-    is not a JSON object, or a row without one of the fields in `need`, is one error line naming the file and the
-    line's number."""
+    is not a JSON object (a list, a number, `null`), a row without one of the fields in `need`, or a row whose field
+    has a bad value (`check(row)`: a message naming the field) is one error line naming the file and the line's
+    number. Blank lines are skipped."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
-                row = json.loads(line) if line.strip() else None
+                if not line.strip():
+                    continue
+                row = json.loads(line)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 what = "not UTF-8" if isinstance(e, UnicodeDecodeError) else f"not valid JSON ({e.msg})"
                 raise UsageError(f"{path}, line {number}: {what}; fix or remove that line") from None
-            if row is None:
-                continue
             if not isinstance(row, dict):
-                raise UsageError(f"{path}, line {number}: a JSON {type(row).__name__}, not an object (one row per line)")
+                what = "null" if row is None else f"a JSON {type(row).__name__}"
+                raise UsageError(f"{path}, line {number}: {what}, not an object (one row per line)")
             missing = [k for k in need if k not in row]
             if missing:
                 raise UsageError(f"{path}, line {number}: the row has no field {missing[0]!r} (a row needs "
                                  f"{', '.join(need)})")
+            problem = check(row) if check else None
+            if problem:
+                raise UsageError(f"{path}, line {number}: {problem}; fix or remove that line")
             yield row
 
 
@@ -155,14 +160,55 @@ ROW_FIELDS = {"imdb": ("text", "label"), "commongen": ("concept_set_idx", "conce
 """the fields each task's rows must have (the hub's schemas)"""
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _describe(v) -> str:
+    """A bad value as the user wrote it (JSON spelling), cut short."""
+    try:
+        text = json.dumps(v)
+    except (TypeError, ValueError):
+        text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_FIELD_RULES = {
+    "imdb": {"text": (lambda v: isinstance(v, str), "a string (the review)"),
+             "label": (lambda v: _is_int(v) and v in (0, 1), "0 (negative) or 1 (positive)")},
+    "commongen": {"concept_set_idx": (_is_int, "an integer"),
+                  "concepts": (lambda v: isinstance(v, list) and len(v) > 0
+                               and all(isinstance(c, str) and c.strip() for c in v),
+                               'a non-empty list of words (e.g. ["dog", "frisbee"])'),
+                  "target": (lambda v: isinstance(v, str), "a string (the reference sentence)")},
+    "tldr": {"prompt": (lambda v: isinstance(v, str), "a string (the post)"),
+             "label": (lambda v: isinstance(v, str), "a string (the reference summary)")},
+}
+"""field -> (test, what it must be): the type and values each task's preprocessing needs"""
+
+
+def row_problem(task_name: str, row: dict) -> str | None:
+    """What is wrong with the values of a row that has the task's fields (wrong type, null, NaN or infinite, a
+    label out of range), naming the field; None for a good row."""
+    for name, (ok, what) in _FIELD_RULES[task_name].items():
+        v = row[name]
+        if not ok(v):
+            return f"field {name!r} is {_describe(v)}: it must be {what}"
+    return None
+
+
 def _checked(rows: Iterable[dict], task: Task, source: str) -> Iterator[dict]:
-    """The rows, each checked for the task's fields: a missing one is one error line naming the source."""
+    """The rows, each checked for the task's fields and their values: a missing or bad one is one error line
+    naming the source, the row and the field."""
     need = ROW_FIELDS[task.name]
     for number, row in enumerate(rows, 1):
         missing = [k for k in need if k not in row]
         if missing:
             raise UsageError(f"{source}: row {number} has no field {missing[0]!r} (a {task.name} row needs "
                              f"{', '.join(need)})")
+        problem = row_problem(task.name, row)
+        if problem:
+            raise UsageError(f"{source}: row {number}: {problem}")
         yield row
 
 
@@ -178,7 +224,7 @@ def _raw_rows(task: Task, split: str, data_dir: str | None) -> Iterable[dict]:
         if not path.is_file():
             raise UsageError(f"missing data file {path}: the data folder must hold "
                              f"{task.local_dir}/{filename} (laid out like ../shared/data)")
-        return _read_jsonl(path, ROW_FIELDS[task.name])
+        return _read_jsonl(path, ROW_FIELDS[task.name], lambda row: row_problem(task.name, row))
     hub_offline_if_unreachable()
     try:
         import datasets
@@ -252,7 +298,11 @@ def load_split(task: Task, split: str, data_dir: str | None = None, limit: int |
     data_dir = resolve_data_dir(data_dir)
     examples = _PREPROCESS[task.name](_raw_rows(task, split, data_dir), split)
     if not examples:
-        raise UsageError(f"the {split} split of {task.name} is empty")
+        source = (Path(data_dir) / task.local_dir / task.split_files[split][1] if data_dir is not None
+                  else f"{task.hub_id} ({task.split_files[split][0]})")
+        raise UsageError(f"the {split} split of {task.name} is empty: {source} holds no rows"
+                         + (" for it (IMDB's validation split is the last 20% of train.jsonl's rows)"
+                            if task.name == "imdb" and split == "validation" else ""))
     return examples[:limit] if limit else examples
 
 
