@@ -198,6 +198,17 @@ class Args:
     """evaluate every this many iterations (and at start and end)"""
     eval_samples: int | None = None
     """validation prompts per evaluation"""
+    eval_decoding: str | None = None
+    """how evaluations decode each validation prompt: sample (one sample with the learner's settings, fixed
+    seed), greedy or beam (transformers' generate, no sampling); KL and output perplexity score the chosen
+    response under the policy and the reference. Default: the task preset's (paper and smollm2: CommonGen beam,
+    TL;DR greedy, IMDB sample, as the official code; embedded: sample)"""
+    eval_num_beams: int | None = None
+    """beams of --eval-decoding beam (default: the task preset's: 5, as the official code)"""
+    final_eval_samples: int | None = None
+    """validation prompts of the final evaluation and of the one before training that eval.json compares it
+    with (the split's first ones); 0 = the whole split. Default: the task preset's (paper and smollm2: 0;
+    embedded: --eval-samples). The periodic evaluations use --eval-samples"""
     save_interval: int | None = None
     """checkpoint every this many iterations; default eval_interval"""
     sample_rows: int = 8
@@ -296,6 +307,7 @@ def main(args: Args):
     # ---- data, models, reward -------------------------------------------------------------------
     train = task.load("train", data_dir)
     val = task.load("validation", data_dir, limit=args.eval_samples)
+    final_val = rt.final_eval_set(task, data_dir, args, val)  # the final evaluation's prompts (val when the same)
     policy_path, guide_path = rt.resolve_models(task, args.policy_model, args.guide_model, data_dir, rank, world, log,
                                                 need_guide=args.guide == "model", rebuild=args.rebuild_models)
     rt.seed_everything(rt.derive_seed(args.seed, "torch", rank))  # each process samples its own rollouts
@@ -331,10 +343,13 @@ def main(args: Args):
     log(f"{ALGO} on {task.name}: guide {getattr(guide, 'name', args.guide)}, beta {args.beta}; policy {policy_path}, {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M "
         f"params, {world} process(es) on {device}; run folder {run_dir}")
 
-    def run_eval(step):
-        m, rows = rt.evaluate(policy, ref, tok, task, val, reward_fn, args, device, step=step)
-        logger.scalars({f"eval/{k}": v for k, v in m.items()}, step)
-        logger.table("eval/samples", ["prompt", "response", "reward"], rows, step, args.sample_rows)
+    def run_eval(step, final=False):  # final: on the final evaluation's prompts (None where they are val's)
+        if final and final_val is val:
+            return None
+        examples, tag = (final_val, "final_eval") if final else (val, "eval")
+        m, rows = rt.evaluate(policy, ref, tok, task, examples, reward_fn, args, device, step=step)
+        logger.scalars({f"{tag}/{k}": v for k, v in m.items()}, step)
+        logger.table(f"{tag}/samples", ["prompt", "response", "reward"], rows, step, args.sample_rows)
         return m
 
     def checkpoint(it):  # every process: under FSDP the full state dicts are gathered from all of them
@@ -350,7 +365,8 @@ def main(args: Args):
     progress = rt.progress_bar(range(start, args.iterations + 1), enabled=rank == 0)
     last_eval = None
     try:
-        first_eval = (ck["first_eval"] if args.resume else run_eval(start - 1)) if evaluates else None
+        first_eval = ((ck["first_eval"] if args.resume else rt.evaluate_start(run_eval, start - 1)) if evaluates
+                      else None)
         for it in progress:
             t_iter = time.time()
             frac = 1.0 - (it - 1) / args.iterations
@@ -512,10 +528,10 @@ def main(args: Args):
         logger.close()
         rt.interrupted(e, run_dir, rank, ALGO, lambda: rt.save_interrupted(policy, critic, tok, run_dir), bool(args.resume))
 
-    final = (last_eval if last_eval is not None else run_eval(args.iterations)) if evaluates else None
+    final = rt.evaluate_end(run_eval, args.iterations, last_eval) if evaluates else None
     rt.save_final(policy, critic, tok, run_dir)  # every process: under FSDP the weights are gathered
     if rank == 0:
-        rt.report(first_eval, final, run_dir)
+        rt.report(first_eval, final, run_dir, protocol=rt.eval_protocol(args, len(val), len(final_val)))
         print(f"policy saved to {run_dir / 'policy'}")
         rt.finish(run_dir, args.keep_checkpoint)
         logger.close()
