@@ -54,8 +54,10 @@ class Args:
     (SmolLM2-135M-Instruct on a laptop CPU), auto (embedded for the embedded models, smollm2 for that model, else
     the paper's settings for the given model); flags given win"""
     guide: str = "model"
-    """the black-box guide: model (an HF causal LM, --guide-model), rule (our rule-based guide: commongen, tldr) or
-    the URL of an OpenAI-compatible server, http://HOST:PORT/v1 (vLLM, llama.cpp, TGI, Ollama, a hosted API)"""
+    """the black-box guide: model (an HF causal LM, --guide-model), rule (our rule-based guide: commongen, tldr),
+    the URL of an OpenAI-compatible server, http://HOST:PORT/v1 (vLLM, llama.cpp, TGI, Ollama, a hosted API), or
+    learner: the official code's moving guide, the current learner sampled with the guide's settings (a defect of
+    that code, SPEC 5.1: offered to reproduce the paper's published runs; docs/guides.md)"""
     guide_model: str | None = None
     """guide model: hub id, folder or smollm2; default: the policy model when one is given, else the task's embedded
     guide (IMDB: SFT on positive reviews)"""

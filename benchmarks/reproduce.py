@@ -44,9 +44,11 @@ GUIDE_FLAGS = {
     "greedy": ["--guide", "model", "--guide-top-k", "1"],  # the same model guide, decoded greedily: stronger
     "fewshot": ["--guide", "model"],  # + --guide-model ALIAS-TASK-5shot: the same model, 5 solved train examples
     "rule": ["--guide", "rule"],  # our rule-based guide (commongen, tldr)
+    # the official code's moving guide (its defect, SPEC 5.1): the current learner with the guide's sampling
+    "learner": ["--guide", "learner"],
 }
 FEW_SHOT = 5
-MODEL_GUIDES = ("model", "greedy", "fewshot")
+MODEL_GUIDES = ("model", "greedy", "fewshot", "learner")
 
 
 def guide_flags(args: "Args", task: str, guide: str) -> list[str]:
@@ -73,7 +75,8 @@ class Args:
     guides: list[str] = field(default_factory=lambda: ["model", "rule"])
     """guides for the guided algorithms: model (the paper's: the guide model sampled with the preset's top-p),
     greedy (the same model decoded greedily, --guide-top-k 1), fewshot (the --policy-model alias with 5 solved
-    training examples in its chat template: --guide-model ALIAS-TASK-5shot), rule (commongen and tldr only)"""
+    training examples in its chat template: --guide-model ALIAS-TASK-5shot), rule (commongen and tldr only),
+    learner (the official code's moving guide: the current learner sampled with the guide's settings)"""
     model_guide_tasks: list[str] = field(default_factory=lambda: ["imdb", "commongen", "tldr"])
     """tasks on which the model, greedy and fewshot guides run (on CommonGen and TL;DR the embedded guide is the learner's
     own start model, so only the rule guide is better than the learner there)"""
@@ -267,6 +270,8 @@ def guide_alone(args: Args, task_name: str, kind: str, n: int | None = None) -> 
         from common.models import resolve_model_alias
 
         guide_path = resolve_model_alias(few_shot_name(args, task_name), data_dir=data_dir)
+    elif kind == "learner":  # the moving guide alone: before any training it is the learner's start model
+        guide_path = policy_path
     guide = rt.build_guide("rule" if kind == "rule" else "model", task, guide_path, None, torch.device("cpu"),
                            top_p=pre["guide_top_p"], top_k=1 if kind == "greedy" else pre["guide_top_k"],
                            temperature=1.0, min_new_tokens=task.min_new_tokens, chat_template="auto")

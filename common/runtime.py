@@ -663,8 +663,15 @@ def check_settings(args, world: int) -> None:
     if guide is not None:
         from common.guides import is_server_url
 
-        if guide not in ("model", "rule") and not is_server_url(guide):
-            raise UsageError(f"--guide must be model, rule or a server URL (http://HOST:PORT/v1), not {guide!r}")
+        if guide not in ("model", "rule", "learner") and not is_server_url(guide):
+            raise UsageError(f"--guide must be model, rule, learner or a server URL (http://HOST:PORT/v1), not "
+                             f"{guide!r}")
+        if guide == "learner" and value("guide_model"):
+            raise UsageError("--guide-model is not used with --guide learner (the guide is the learner itself): "
+                             "drop one of them")
+        if guide == "learner" and value("fsdp"):
+            raise UsageError("--guide learner does not run under --fsdp (the guide's calls differ between "
+                             "processes): use DDP or one process")
         if guide == "rule" and args.task not in RULE_GUIDES:
             raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {args.task}: use --guide model")
         if guide == "rule" and value("guide_model"):
@@ -978,7 +985,12 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
     LoRA policy's own start model (same path) is that policy's base with the adapters off, not a second copy; any
     other model guide is loaded (4/8-bit with the policy, `setup`). Loading leaves the random streams alone. A
     model guide keeps its own chat template, applied to its own prompt, whenever its tokenizer has one and
-    `chat_template` is not off."""
+    `chat_template` is not off.
+
+    `learner`: the official code's moving guide (SPEC 5.1, a defect there): the current learner itself, `policy`,
+    sampled with the guide's settings (top-p 0.92 ...), so its samples follow the learner's weights as they train;
+    its tokenizer and chat template are those a model guide of the learner's start model would have. Offered to
+    reproduce the paper's published setting next to the frozen guide."""
     from common.guides import RULE_GUIDES, CallableGuide, HFGuide, ServerOptions, build_server_guide, is_server_url
 
     server = server or ServerOptions()
@@ -996,7 +1008,10 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
             raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {task.name}: use --guide model")
         return CallableGuide(RULE_GUIDES[task.name], name=f"{task.name}-rule")
     if kind != "model":
-        raise UsageError(f"--guide must be model, rule or a server URL (http://HOST:PORT/v1), not {kind!r}")
+        if kind == "learner":
+            return learner_guide(policy, top_p=top_p, top_k=top_k, temperature=temperature,
+                                 min_new_tokens=min_new_tokens, device=device, chat_template=chat_template)
+        raise UsageError(f"--guide must be model, rule, learner or a server URL (http://HOST:PORT/v1), not {kind!r}")
     gtok = load_tokenizer(guide_path)
     setup_chat(gtok, "off" if chat_template == "off" else "auto", encoder_decoder=is_encoder_decoder(guide_path))
     if isinstance(policy, LoraPolicy) and guide_path == policy.path:
@@ -1007,6 +1022,25 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
                                    quantization=setup.quantization_config() if setup else None)
     return HFGuide(model, gtok, top_p=top_p, top_k=top_k, temperature=temperature,
                    min_new_tokens=min_new_tokens, device=device, name=guide_path)
+
+
+def learner_guide(policy, *, top_p: float, top_k: int, temperature: float, min_new_tokens: int, device,
+                  chat_template: str = "off"):
+    """`--guide learner`: an HFGuide sampling `policy`, the learner being trained, whose weights it leaves
+    trainable (the guide of every other kind is frozen). See `build_guide`."""
+    from common.guides import HFGuide
+
+    if policy is None:
+        raise UsageError("--guide learner needs the learner (the script's policy)")
+    path = policy.path if isinstance(policy, LoraPolicy) else _base_model(policy).name_or_path
+    gtok = load_tokenizer(path)
+    setup_chat(gtok, "off" if chat_template == "off" else "auto", encoder_decoder=is_encoder_decoder(path))
+    return HFGuide(policy, gtok, top_p=top_p, top_k=top_k, temperature=temperature, min_new_tokens=min_new_tokens,
+                   device=device, name=f"the learner ({path}, moving)", frozen=False)
+
+
+def _base_model(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def mixed_rows(prompts, guide_parts, learner_parts, scores):

@@ -1,6 +1,7 @@
 """Evaluation as the paper evaluates (common/runtime.py `evaluate`, `search`): greedy and beam search are
 transformers' own `generate`, token for token, in a left-padded batch as one row at a time; the KL is scored
-under the policy; the evaluation settings change no training number; the presets' evaluation settings."""
+under the policy; the evaluation settings change no training number; the presets' evaluation settings; the
+official code's moving guide (`--guide learner`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from _tiny import build_tiny, build_tiny_t5, favour_token
 from conftest import DATA, needs_data
 
 import ppo
+import ppo_plus_plus
 from common import presets
 from common import runtime as rt
 from common.errors import UsageError
@@ -212,3 +214,54 @@ def test_a_resumed_run_from_before_these_settings_keeps_evaluating_as_it_did(tmp
     monkeypatch.setattr(rt, "_CLI_GIVEN", set())
     args = rt.resume_settings(ppo.Args(resume=str(tmp_path)), "ppo")
     assert (args.eval_decoding, args.final_eval_samples, args.eval_samples) == ("sample", 100, 100)
+
+
+# ---------------------------------------------------------------------------------------------------
+# --guide learner: the official code's moving guide
+# ---------------------------------------------------------------------------------------------------
+@needs_data
+def test_the_learner_guide_samples_the_current_weights(tmp_path):
+    task = get_task("commongen")
+    path = build_tiny("commongen", tmp_path / "m", seed=5)
+    tok = load_tokenizer(str(path))
+    policy = load_causal_lm(str(path), tok, torch.device("cpu"))
+    guide = rt.build_guide("learner", task, None, None, "cpu", top_p=0.92, top_k=0, temperature=1.0,
+                           min_new_tokens=2, policy=policy)
+    assert guide.model is policy and guide.top_p == 0.92
+    assert all(p.requires_grad for p in policy.parameters())  # still trained: the guide freezes nothing
+    prompts = [e.prompt for e in task.load("validation", str(DATA), limit=4)]
+    favoured = tok(" the", add_special_tokens=False)["input_ids"]
+    assert len(favoured) == 1
+    torch.manual_seed(0)
+    before = guide.complete(prompts, [""] * 4, [10] * 4)
+    assert not all(set(tok(t, add_special_tokens=False)["input_ids"]) <= set(favoured) for t, _ in before)
+    favour_token(policy, favoured[0], 14.0)  # the learner's weights change: now it (nearly) always writes " the"
+    torch.manual_seed(0)
+    after = guide.complete(prompts, [""] * 4, [10] * 4)
+    assert all(text == " the" * 10 for text, _ in after), after
+    # a frozen model guide of the same start model does not follow the learner
+    frozen = rt.build_guide("model", task, str(path), None, "cpu", top_p=0.92, top_k=0, temperature=1.0,
+                            min_new_tokens=2, policy=policy)
+    torch.manual_seed(0)
+    assert frozen.complete(prompts, [""] * 4, [10] * 4) == before
+
+
+def test_learner_guide_settings_are_checked():
+    args = dataclasses.replace(presets.fill_presets(ppo_plus_plus.Args(task="commongen"), "commongen", "embedded"),
+                               min_new_tokens=5, max_new_tokens=20, micro_batch_size=16, guide="learner")
+    rt.check_settings(args, 1)
+    with pytest.raises(UsageError, match="--guide-model is not used with --guide learner"):
+        rt.check_settings(dataclasses.replace(args, guide_model="some/folder"), 1)
+    with pytest.raises(UsageError, match="--guide learner does not run under --fsdp"):
+        rt.check_settings(dataclasses.replace(args, fsdp=True), 1)
+
+
+@needs_data
+def test_ppo_plus_plus_runs_with_the_learner_guide(ragged, tmp_path):
+    args = ppo_plus_plus.Args(task="commongen", policy_model=str(ragged), data_dir=str(DATA), output_dir=str(tmp_path),
+                              run_name="moving", iterations=1, rollouts_per_iteration=4, minibatch_size=2,
+                              n_epochs=1, eval_samples=2, device="cpu", guide="learner", beta=1.0)
+    ppo_plus_plus.main(args)
+    train = [r for r in _lines(tmp_path / "moving") if "objective/reward" in r]
+    assert train[0]["guide/mix_fraction"] > 0 and json.loads((tmp_path / "moving" / "args.json").read_text())[
+        "guide"] == "learner"
