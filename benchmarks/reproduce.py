@@ -9,11 +9,15 @@ kept as it is. Resumable: every run lives in `<runs-dir>/<algo>-<guide>-<task>-s
 (eval.json present) is skipped, an interrupted one continues from its last checkpoint, so re-running the same
 command picks up where it stopped. Several grid commands may share a runs folder (the same command started
 twice runs two at once, like --workers 2): a run another one is doing is skipped. A finished run keeps only
-args.json, eval.json and metrics.jsonl (unless --keep-weights). Each run gets one torch thread.
+args.json, eval.json and metrics.jsonl (unless --keep-weights; --keep-policy keeps its final policy too, so
+that --rescore can evaluate it again with another decoding or prompt set without training).
+Each run gets one torch thread.
 
     RLGF_DATA_DIR=../shared/data python benchmarks/reproduce.py                      # the full grid (hours)
     RLGF_DATA_DIR=../shared/data python benchmarks/reproduce.py --tasks imdb --seeds 1 2 3
     python benchmarks/reproduce.py --report-only                                     # tables and plots only
+    python benchmarks/reproduce.py --keep-policy ...    # the grid, keeping each run's final policy (policy/)
+    python benchmarks/reproduce.py --rescore --rescore-decoding greedy ...   # kept policies, evaluated again
     RLGF_DATA_DIR=../shared/data python benchmarks/reproduce.py --policy-model smollm2 --tasks commongen \
         --guides model fewshot --runs-dir results/smollm2/runs --results-dir results/smollm2
 """
@@ -62,6 +66,7 @@ def guide_flags(args: "Args", task: str, guide: str) -> list[str]:
 def few_shot_name(args: "Args", task: str) -> str:
     return f"{args.policy_model}-{task}-{FEW_SHOT}shot"
 KEPT = ("args.json", "eval.json", "metrics.jsonl")  # what a finished run keeps (see .gitignore)
+RESCORED = "rescore-"  # <run>/rescore-<decoding>-<prompts>.json: a kept policy evaluated again (--rescore), kept too
 
 
 @dataclass
@@ -99,6 +104,19 @@ class Args:
     torch's default 2 threads was 5x slower than with 1"""
     keep_weights: bool = False
     """keep a finished run's policy, critic, checkpoint and TensorBoard files (default: only """ + ", ".join(KEPT) + """)"""
+    keep_policy: bool = False
+    """keep a finished run's final policy (policy/: with LoRA only the adapter) besides """ + ", ".join(KEPT) + """,
+    for --rescore; not its checkpoint, critic or TensorBoard files"""
+    rescore: bool = False
+    """evaluate the kept policies (run folders with policy/) of the grid's finished runs again, without training:
+    with --rescore-decoding on --rescore-samples validation prompts, and the start model the same way; written to
+    <run>/rescore-<decoding>-<prompts>.json and summarised"""
+    rescore_decoding: str = "beam"
+    """--rescore: sample, greedy or beam"""
+    rescore_num_beams: int = 5
+    """--rescore: beams of beam search"""
+    rescore_samples: int = 0
+    """--rescore: the first this many validation prompts; 0 = the whole split"""
     zero_shot: bool = False
     """only evaluate the start policy zero-shot (learner sampling, chat template on and off) and the guides
     alone on each task's validation prompts; written to <results-dir>/zero_shot.json"""
@@ -142,14 +160,17 @@ def run_command(args: Args, task, algo, guide, seed) -> list[str]:
     return cmd + shlex.split(args.extra)
 
 
-def prune_run(run_dir: Path, finished: bool = True) -> None:
-    """A finished run keeps only its arguments, metrics and evaluation: no weights (a SmolLM2 run writes ~4 GB);
-    an interrupted one also its last checkpoint and TensorBoard files (the policy and critic saved on an
-    interrupt are made again at the end)."""
+def prune_run(run_dir: Path, finished: bool = True, keep_policy: bool = False) -> None:
+    """A finished run keeps only its arguments, metrics and evaluations (re-scorings too): no weights (a SmolLM2
+    run writes ~4 GB) but, with `keep_policy`, its final policy (policy/); an interrupted one also its last
+    checkpoint and TensorBoard files (the policy and critic saved on an interrupt are made again at the end)."""
     import shutil
 
+    kept = KEPT + (("policy",) if keep_policy and finished else ())
     for p in run_dir.iterdir():
-        if p.name not in KEPT and (finished or not (p.name == "checkpoint.pt" or p.name.startswith("events."))):
+        if p.name in kept or p.name.startswith(RESCORED):
+            continue
+        if finished or not (p.name == "checkpoint.pt" or p.name.startswith("events.")):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
@@ -174,7 +195,7 @@ def _run_locked(args: Args, task, algo, guide, seed) -> bool:
     run_dir = Path(args.runs_dir) / run_name(task, algo, guide, seed)
     if (run_dir / "eval.json").exists():
         if not args.keep_weights:
-            prune_run(run_dir)  # e.g. a run that finished while the grid was being stopped
+            prune_run(run_dir, keep_policy=args.keep_policy)  # e.g. a run that finished while the grid was stopped
         return True
     if run_dir.is_dir() and not args.keep_weights:  # an interrupted run: only its checkpoint matters
         prune_run(run_dir, finished=False)
@@ -189,7 +210,7 @@ def _run_locked(args: Args, task, algo, guide, seed) -> bool:
               f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ''}", flush=True)
         return False
     if not args.keep_weights:
-        prune_run(run_dir)
+        prune_run(run_dir, keep_policy=args.keep_policy)
     print(f"[{time.strftime('%H:%M:%S')}] {run_dir.name} done in {time.time() - t0:.0f}s", flush=True)
     return True
 
@@ -331,6 +352,73 @@ def zero_shot(args: Args) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"policy_model": args.policy_model, "results": out}, indent=1) + "\n")
     return out
+
+
+def rescore_run(run_dir: Path, decoding: str, num_beams: int, samples: int, cache: dict | None = None) -> dict:
+    """A finished run's kept policy (`run_dir/policy`: a model folder, or a LoRA adapter on the run's start
+    model) evaluated again by `common.runtime.evaluate`, as the run would evaluate with `--eval-decoding
+    decoding --eval-num-beams num_beams --final-eval-samples samples` (the run's own lengths, prompt cut, chat
+    template and reward), and the start model the same way (`cache`: start-model results by setting, shared
+    between runs). Written to `run_dir/rescore-<decoding>-<prompts>.json` as {"evaluation", "initial", "final"}."""
+    import types
+
+    import torch
+
+    from common import runtime as rt
+    from common.chat import setup_chat
+    from common.models import is_encoder_decoder, load_causal_lm, load_tokenizer
+    from common.tasks import get_task, resolve_data_dir
+
+    saved = json.loads((run_dir / "args.json").read_text())
+    task, data_dir = get_task(saved["task"]), resolve_data_dir(saved.get("data_dir"))
+    device = torch.device("cpu")
+    policy_path, _ = rt.resolve_models(task, saved.get("policy_model"), None, data_dir, 0, 1, log=lambda *a: None)
+    tok = load_tokenizer(policy_path)
+    setup_chat(tok, saved.get("chat_template") or "off", encoder_decoder=is_encoder_decoder(policy_path))
+    ref = load_causal_lm(policy_path, tok, device)
+    folder = run_dir / "policy"
+    if (folder / "adapter_config.json").is_file():  # LoRA: the adapter on a fresh copy of the start model
+        from peft import PeftModel
+
+        policy = PeftModel.from_pretrained(load_causal_lm(policy_path, tok, device), str(folder)).merge_and_unload()
+    else:
+        policy = load_causal_lm(str(folder), tok, device)
+    settings = types.SimpleNamespace(**{k: saved[k] for k in ("prompt_tokens", "min_new_tokens", "max_new_tokens",
+                                                              "temperature")},
+                                     eval_decoding=decoding, eval_num_beams=num_beams)
+    val = task.load("validation", data_dir, limit=samples or None)
+    reward_fn = rt.make_reward(task, saved.get("reward_model"), task.load("train", data_dir), device,
+                               log=lambda *a: None)
+    protocol = rt.eval_protocol(settings, len(val), len(val))
+    key = json.dumps([policy_path, protocol, saved.get("chat_template"), saved["prompt_tokens"]])
+    cache = {} if cache is None else cache
+    if key not in cache:
+        cache[key] = rt.evaluate(ref, ref, tok, task, val, reward_fn, settings, device)[0]
+    final, _ = rt.evaluate(policy, ref, tok, task, val, reward_fn, settings, device)
+    out = {"evaluation": protocol, "initial": cache[key], "final": final}
+    name = f"{RESCORED}{decoding}{num_beams if decoding == 'beam' else ''}-{len(val)}.json"
+    (run_dir / name).write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def rescore(args: Args) -> dict:
+    """--rescore: every finished run of the grid that kept its policy, evaluated again (`rescore_run`)."""
+    cache, out = {}, {}
+    for task, algo, guide, seed in configs(args):
+        run_dir = Path(args.runs_dir) / run_name(task, algo, guide, seed)
+        if not (run_dir / "eval.json").is_file() or not (run_dir / "policy").is_dir():
+            continue
+        t0 = time.time()
+        r = rescore_run(run_dir, args.rescore_decoding, args.rescore_num_beams, args.rescore_samples, cache)
+        out[run_dir.name] = r
+        print(f"[{time.strftime('%H:%M:%S')}] {run_dir.name}: reward {r['initial']['reward']:.3f} -> "
+              f"{r['final']['reward']:.3f} ({r['evaluation']['decoding']}, {r['evaluation']['final_prompts']:.0f} "
+              f"prompts, {time.time() - t0:.0f} s)", flush=True)
+    if not out:
+        print(f"nothing to re-score: no finished run in {args.runs_dir} kept its policy (grid flag --keep-policy)")
+    return out
+
+
 
 
 # the metrics a task's headline tables and plots show, besides the reward (TL;DR's offline reward is ROUGE-L)
@@ -505,6 +593,9 @@ def plot(task, cells, path: Path, metrics=("reward",)):
 def main(args: Args):
     if args.zero_shot:
         zero_shot(args)
+        return
+    if args.rescore:
+        rescore(args)
         return
     if not args.report_only:
         if args.policy_model:  # a model alias is made once, before runs race to make it

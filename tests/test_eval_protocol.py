@@ -1,7 +1,8 @@
 """Evaluation as the paper evaluates (common/runtime.py `evaluate`, `search`): greedy and beam search are
 transformers' own `generate`, token for token, in a left-padded batch as one row at a time; the KL is scored
 under the policy; the evaluation settings change no training number; the presets' evaluation settings; the
-official code's moving guide (`--guide learner`)."""
+official code's moving guide (`--guide learner`); kept policies evaluated again (benchmarks/reproduce.py
+--rescore, --keep-policy)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ from common.models import load_causal_lm, load_tokenizer
 from common.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import reproduce  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +269,37 @@ def test_ppo_plus_plus_runs_with_the_learner_guide(ragged, tmp_path):
     train = [r for r in _lines(tmp_path / "moving") if "objective/reward" in r]
     assert train[0]["guide/mix_fraction"] > 0 and json.loads((tmp_path / "moving" / "args.json").read_text())[
         "guide"] == "learner"
+
+
+# ---------------------------------------------------------------------------------------------------
+# kept policies, evaluated again without training (benchmarks/reproduce.py --keep-policy, --rescore)
+# ---------------------------------------------------------------------------------------------------
+def test_prune_keeps_the_policy_only_when_asked(tmp_path):
+    for keep in (False, True):
+        d = tmp_path / f"run-{keep}"
+        (d / "policy").mkdir(parents=True)
+        for name in ("args.json", "eval.json", "metrics.jsonl", "critic.pt", "checkpoint.pt", "events.out.x",
+                     "rescore-greedy-3.json"):
+            (d / name).write_text("{}")
+        (d / "policy-merged").mkdir()
+        reproduce.prune_run(d, keep_policy=keep)
+        assert sorted(p.name for p in d.iterdir()) == sorted(
+            ["args.json", "eval.json", "metrics.jsonl", "rescore-greedy-3.json"] + (["policy"] if keep else []))
+
+
+@needs_data
+@pytest.mark.parametrize("lora", [False, True])
+def test_rescore_evaluates_a_kept_policy_as_the_run_would(ragged, tmp_path, lora):
+    """A finished run (full fine-tuning, or LoRA: only the adapter kept) re-scored greedily on 3 prompts gives what
+    the run itself computes with --eval-decoding greedy --final-eval-samples 3."""
+    extra = dict(lora_r=4, lora_alpha=8.0, lr=1e-2) if lora else {}
+    _, final = ppo.main(_ppo_args(ragged, tmp_path, "run", eval_decoding="greedy", final_eval_samples=3, **extra))
+    run_dir = tmp_path / "run"
+    assert (run_dir / "policy" / ("adapter_config.json" if lora else "config.json")).is_file()
+    out = reproduce.rescore_run(run_dir, "greedy", 5, 3)
+    assert out["evaluation"]["decoding"] == "greedy" and out["evaluation"]["final_prompts"] == 3
+    for k in ("reward", "cider", "response_length"):
+        assert out["final"][k] == pytest.approx(final[k], abs=1e-6), k
+    assert out["final"]["kl"] == pytest.approx(final["kl"], abs=1e-3)
+    assert abs(out["initial"]["kl"]) < 1e-4
+    assert json.loads((run_dir / "rescore-greedy-3.json").read_text()) == json.loads(json.dumps(out))
