@@ -10,7 +10,8 @@ kept as it is. Resumable: every run lives in `<runs-dir>/<algo>-<guide>-<task>-s
 command picks up where it stopped. Several grid commands may share a runs folder (the same command started
 twice runs two at once, like --workers 2): a run another one is doing is skipped. A finished run keeps only
 args.json, eval.json and metrics.jsonl (unless --keep-weights; --keep-policy keeps its final policy too, so
-that --rescore can evaluate it again with another decoding or prompt set without training).
+that --rescore can evaluate it again with another decoding or prompt set without training). The report sets
+every guided configuration against PPO (Welch's interval and p-value, the smallest detectable difference).
 Each run gets one torch thread.
 
     RLGF_DATA_DIR=../shared/data python benchmarks/reproduce.py                      # the full grid (hours)
@@ -419,6 +420,123 @@ def rescore(args: Args) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------
+# statistics over seeds: Welch's t interval and test, and the smallest difference the design can detect
+# ---------------------------------------------------------------------------------------------------
+def _betacf(a: float, b: float, x: float) -> float:
+    """The continued fraction of the regularized incomplete beta function (modified Lentz's method)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10000):
+        m2 = 2 * m
+        for num in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b)."""
+    import math
+
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with `df` (not necessarily whole) degrees of freedom."""
+    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_ppf(q: float, df: float) -> float:
+    """The `q` quantile of Student's t with `df` degrees of freedom (bisection on `t_cdf`)."""
+    lo, hi = -1.0, 1.0
+    while t_cdf(lo, df) > q:
+        lo *= 2.0
+    while t_cdf(hi, df) < q:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_cdf(mid, df) < q else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def welch(a, b, level: float = 0.95) -> dict | None:
+    """Welch's unequal-variance comparison of the means of `b` and `a` (here: a configuration's seeds and PPO's):
+    the difference mean(b) - mean(a), its `level` confidence interval, the two-sided p-value and the
+    Welch-Satterthwaite degrees of freedom. None with fewer than 2 values in either group."""
+    import math
+
+    a, b = finite(a), finite(b)
+    if len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    diff, se = float(np.mean(b) - np.mean(a)), math.sqrt(va + vb)
+    if se == 0:
+        return {"diff": diff, "low": diff, "high": diff, "p": 0.0 if diff else 1.0, "df": float("nan")}
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    half = t_ppf(0.5 + level / 2, df) * se
+    return {"diff": diff, "low": diff - half, "high": diff + half, "p": float(2.0 * t_cdf(-abs(diff / se), df)),
+            "df": float(df)}
+
+
+def pooled_sd(groups) -> float | None:
+    """The pooled standard deviation of several groups: sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1))."""
+    groups = [finite(g) for g in groups]
+    groups = [g for g in groups if len(g) > 1]
+    dof = sum(len(g) - 1 for g in groups)
+    if not dof:
+        return None
+    return float(np.sqrt(sum((len(g) - 1) * np.var(g, ddof=1) for g in groups) / dof))
+
+
+def min_detectable(sd: float, n1: int, n2: int, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true difference of means a two-sided t test at `alpha` detects with probability `power`,
+    for two groups of n1 and n2 seeds with standard deviation `sd` (the usual approximation with the central t
+    quantiles at n1 + n2 - 2 degrees of freedom: (t_{1 - alpha/2} + t_{power}) * sd * sqrt(1/n1 + 1/n2))."""
+    df = n1 + n2 - 2
+    return (t_ppf(1 - alpha / 2, df) + t_ppf(power, df)) * sd * float(np.sqrt(1 / n1 + 1 / n2))
+
+
+def comparison_lines(cells, metric: str) -> list[str]:
+    """The table of every guided configuration against PPO on `metric`: difference of means with Welch's 95%
+    interval and p-value, and the smallest difference the design detects (80% power, alpha 0.05; the SD pooled
+    over every configuration of the task)."""
+    runs = dict(cells)
+    ppo = next((v for k, v in runs.items() if k[1] == "ppo"), None)
+    if not ppo:
+        return []
+    values = {k: [r["final"].get(metric) for r in v] for k, v in runs.items()}
+    sd = pooled_sd(values.values())
+    lines = [f"| configuration | seeds | {metric}: guided - PPO | 95% interval (Welch) | p (Welch, two-sided) | "
+             "smallest detectable difference |", "|---|---|---|---|---|---|"]
+    base = values[next(k for k in runs if k[1] == "ppo")]
+    for (task, algo, guide), _ in by_algo(cells):
+        if algo == "ppo":
+            continue
+        w = welch(base, values[(task, algo, guide)])
+        n1, n2 = len(finite(base)), len(finite(values[(task, algo, guide)]))
+        mdd = f"{min_detectable(sd, n1, n2):.3f}" if sd is not None and n1 > 1 and n2 > 1 else "-"
+        if w is None:
+            lines.append(f"| {label(algo, guide)} | {n2} | - | - | - | {mdd} |")
+            continue
+        lines.append(f"| {label(algo, guide)} | {n2} | {w['diff']:+.3f} | [{w['low']:+.3f}, {w['high']:+.3f}] | "
+                     f"{w['p']:.3f} | {mdd} |")
+    return lines
 
 
 # the metrics a task's headline tables and plots show, besides the reward (TL;DR's offline reward is ROUGE-L)
@@ -508,9 +626,10 @@ def report(args: Args):
     for task in tasks:
         cells = [(k, v) for k, v in rows.items() if k[0] == task]
         final = cells[0][1][0]["final"]  # the task's metrics, then the responses' mean length in tokens
-        metric_keys = [m for m in final if m != "response_length"] + [m for m in final if m == "response_length"]
+        metric_keys = ([m for m in final if m not in ("response_length", "prompts")]
+                       + [m for m in final if m == "response_length"])
         keys = ("iterations", "rollouts_per_iteration", "minibatch_size", "n_epochs", "lr", "kl_coef", "eval_samples",
-                "bf16", "chat_template", "guide_top_p")
+                "eval_decoding", "eval_num_beams", "final_eval_samples", "bf16", "chat_template", "guide_top_p")
         seen = {k: [] for k in keys}
         for (_, a, g), runs in cells:
             for r in runs:
@@ -545,13 +664,25 @@ def report(args: Args):
             lines.append(f"| {algo} | {guide} | {seeds} | " + " | ".join(
                 f"{fmt_seeds(runs, lambda r: r['final'].get(m))} | {fmt([r['final'].get(m) for r in runs])}"
                 for m in key) + " |")
+        lines += ["", "Each guided configuration against PPO (final validation value): the difference of the means "
+                  "over seeds with Welch's 95% t interval and two-sided p-value, and the smallest difference this "
+                  "design detects with 80% power at alpha 0.05 (two-sided t test; the SD pooled over every "
+                  "configuration of the task, the two configurations' seeds). An interval that contains 0 means "
+                  "these seeds cannot tell the configuration from PPO."]
+        for m in key:
+            table = comparison_lines(cells, m)
+            if table:
+                lines += [""] + table
         diag_keys = list(cells[0][1][0]["diag"])
         lines += ["", "Training diagnostics, mean ± SE over seeds (second half of training, except the token count):",
                   "", "| algorithm | guide | " + " | ".join(diag_keys) + " |", "|---|---|" + "---|" * len(diag_keys)]
         for (_, algo, guide), runs in by_algo(cells):
             lines.append(f"| {algo} | {guide} | " + " | ".join(fmt([r["diag"][k] for r in runs]) for k in diag_keys) + " |")
         lines.append("")
-        plot(task, cells, out / f"{task}.png", key)
+        levels = {m: [(f"the guide alone ({kind})", guides[f"{task}/{kind}"].get(m)) for kind in kinds
+                      if f"{task}/{kind}" in guides] + [("the start model", mean_se([i.get(m) for i in init]))]
+                  for m in key}
+        plot(task, cells, out / f"{task}.png", key, levels)
     readme = out / "README.md"
     old = readme.read_text() if readme.exists() else ""
     notes = old[old.index(NOTES_MARK):] if NOTES_MARK in old else NOTES_MARK + "\n"
@@ -559,9 +690,11 @@ def report(args: Args):
     print("\n".join(lines))
 
 
-def plot(task, cells, path: Path, metrics=("reward",)):
+def plot(task, cells, path: Path, metrics=("reward",), levels: dict | None = None):
     """One panel per metric: each configuration's mean over seeds, and a band from the lowest to the highest seed
-    at each evaluation (so the spread between seeds is visible next to the differences between algorithms)."""
+    at each evaluation (so the spread between seeds is visible next to the differences between algorithms);
+    `levels`: metric -> [(name, value or (mean, SE))], drawn as labelled horizontal lines (the guides alone, the
+    start model as eval.json scored it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -581,6 +714,11 @@ def plot(task, cells, path: Path, metrics=("reward",)):
                     ls="-" if guide != "rule" else "--")
             if len(runs) > 1:
                 ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.12, lw=0)
+        for j, (name, value) in enumerate((levels or {}).get(metric, [])):
+            value = value[0] if isinstance(value, tuple) else value
+            if value is not None and np.isfinite(value):
+                ax.axhline(value, color="0.35", lw=0.9, ls=(0, (1, 2)) if "start" in name else (0, (5, 3 + 2 * j)),
+                           label=f"{name}: {value:.3f}")
         ax.set_xlabel("iteration")
         ax.set_ylabel(f"validation {metric}")
         ax.set_title(f"{task}: {metric}, mean over seeds (band: min to max)")
