@@ -98,7 +98,9 @@ class Args(RunSettings, ModelSettings, GuideSettings):
     eval_interval: int = 10
     """evaluate every this many iterations, and at start and end (IMDB 10, CommonGen 50, TL;DR 100)"""
     eval_samples: int = 500
-    """validation prompts per evaluation (CommonGen 993)"""
+    """validation prompts per periodic evaluation (CommonGen 993)"""
+    eval_decoding: Literal["sample", "greedy", "beam"] = "sample"
+    """how evaluations decode: sample (the learner's sampling) or, with generate, greedy (TL;DR) or beam (CommonGen)"""
     beta: float = 0.8
     """probability of a switch point k > 0 in either phase (paper 0.8)"""
     p_ppo_pp: float = 0.8

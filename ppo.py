@@ -89,7 +89,9 @@ class Args(RunSettings, ModelSettings):
     eval_interval: int = 10
     """evaluate every this many iterations, and at start and end (IMDB 10, CommonGen 50, TL;DR 100)"""
     eval_samples: int = 500
-    """validation prompts per evaluation (CommonGen 993)"""
+    """validation prompts per periodic evaluation (CommonGen 993)"""
+    eval_decoding: Literal["sample", "greedy", "beam"] = "sample"
+    """how evaluations decode: sample (the learner's sampling) or, with generate, greedy (TL;DR) or beam (CommonGen)"""
 
 
 ALGO = "ppo"

@@ -92,7 +92,9 @@ class Args(RunSettings, ModelSettings, GuideSettings):
     eval_interval: int = 10
     """evaluate every this many iterations, and at start and end (IMDB 10, CommonGen 50, TL;DR 100)"""
     eval_samples: int = 500
-    """validation prompts per evaluation (CommonGen 993)"""
+    """validation prompts per periodic evaluation (CommonGen 993)"""
+    eval_decoding: Literal["sample", "greedy", "beam"] = "sample"
+    """how evaluations decode: sample (the learner's sampling) or, with generate, greedy (TL;DR) or beam (CommonGen)"""
     beta: float = 0.6
     """probability that a rollout starts from a guide roll-in (paper: IMDB 0.6, CommonGen and TL;DR 0.8)"""
 

@@ -77,11 +77,13 @@ class CallableGuide:
 
 
 class HFGuide:
-    """A frozen causal or encoder-decoder LM sampled with its own settings. Its parameters never receive gradients."""
+    """A frozen causal or encoder-decoder LM sampled with its own settings. Its parameters never receive gradients.
+    `frozen=False` (only `--guide learner`, the official code's moving guide: `common.runtime.learner_guide`)
+    samples a model that is being trained, left as it is."""
 
     def __init__(self, model, tokenizer, *, top_p: float = 0.92, top_k: int = 0, temperature: float = 1.0,
-                 min_new_tokens: int = 0, device=None, name: str = "hf"):
-        self.model = model.eval().requires_grad_(False)
+                 min_new_tokens: int = 0, device=None, name: str = "hf", frozen: bool = True):
+        self.model = model.eval().requires_grad_(False) if frozen else model
         self.tok, self.top_p, self.top_k, self.temperature = tokenizer, top_p, top_k, temperature
         self.min_new_tokens, self.device, self.name = min_new_tokens, device, name
 

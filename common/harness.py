@@ -50,6 +50,7 @@ class Run:
         self.evaluates = self.rank == 0 or args.fsdp  # a sharded policy samples only with every process taking part
         self.train = task.load("train", data_dir)
         self.val = task.load("validation", data_dir, limit=args.eval_samples)
+        self.final_val = rt.final_eval_set(task, data_dir, args, self.val)  # the final evaluation's (val: the same)
         need_guide = guide and args.guide == "model"
         self.policy_path, guide_path = rt.resolve_models(
             task, args.policy_model, args.guide_model if guide else None, data_dir, self.rank, self.world, self.info,
@@ -116,10 +117,11 @@ class Run:
                                    resume_from=start if args.resume else None, algo=self.algo)
         guide = f"guide {getattr(self.guide, 'name', args.guide)}, beta {args.beta}; " if self.guide else ""
         self.info(f"{self.algo} on {self.task.name}: {guide}policy {self.policy_path}, "
-                 f"{sum(p.numel() for p in self.policy.parameters()) / 1e6:.1f}M params, {self.world} process(es) on "
+                 f"{rt.describe_params(self.policy)} params, {self.world} process(es) on "
                  f"{self.device}; run folder {self.run_dir}")
         self.started = True
-        self.first_eval = (ck["first_eval"] if args.resume else self._evaluate(start - 1)) if self.evaluates else None
+        self.first_eval = ((ck["first_eval"] if args.resume else rt.evaluate_start(self._evaluate, start - 1))
+                           if self.evaluates else None)
         self.progress = rt.progress_bar(range(start, args.iterations + 1), enabled=self.rank == 0)
         for it in self.progress:
             self.t_iter, self.times = time.time(), {}
@@ -172,11 +174,16 @@ class Run:
         self.progress.set_postfix(reward=f"{metrics['objective/reward']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
 
     # ---- evaluation, checkpoints, the end -----------------------------------------------------------
-    def _evaluate(self, step: int) -> dict:
-        m, rows = rt.evaluate(self.policy, self.ref, self.tok, self.task, self.val, self.reward_fn, self.args,
+    def _evaluate(self, step: int, final: bool = False) -> dict | None:
+        """Line 7: the learner alone on the validation prompts (`final`: the final evaluation's prompts; None where
+        they are the periodic ones), logged as eval/* (final_eval/*)."""
+        if final and self.final_val is self.val:
+            return None
+        examples, tag = (self.final_val, "final_eval") if final else (self.val, "eval")
+        m, rows = rt.evaluate(self.policy, self.ref, self.tok, self.task, examples, self.reward_fn, self.args,
                               self.device, step=step)
-        self.logger.scalars({f"eval/{k}": v for k, v in m.items()}, step)
-        self.logger.table("eval/samples", ["prompt", "response", "reward"], rows, step, self.args.sample_rows)
+        self.logger.scalars({f"{tag}/{k}": v for k, v in m.items()}, step)
+        self.logger.table(f"{tag}/samples", ["prompt", "response", "reward"], rows, step, self.args.sample_rows)
         return m
 
     def _checkpoint(self, it: int, state: dict):
@@ -191,12 +198,12 @@ class Run:
     def finish(self):
         """The final evaluation (unless the last iteration had one), the trained policy and critic, eval.json."""
         args, critic = self.args, self.critic
-        final = (self.last_eval if self.last_eval is not None else self._evaluate(args.iterations)) \
-            if self.evaluates else None
+        final = rt.evaluate_end(self._evaluate, args.iterations, self.last_eval) if self.evaluates else None
         rt.save_final(self.policy, critic, self.tok, self.run_dir)  # every process: under FSDP the weights are gathered
         if self.rank != 0:
             return None
-        rt.report(self.first_eval, final, self.run_dir)
+        rt.report(self.first_eval, final, self.run_dir,
+                  protocol=rt.eval_protocol(args, len(self.val), len(self.final_val)))
         print(f"policy saved to {self.run_dir / 'policy'}")
         rt.finish(self.run_dir, args.keep_checkpoint)
         self.logger.close()

@@ -379,32 +379,107 @@ def encode_prompts(task: Task, tok, examples, prompt_tokens: int) -> list[list[i
 # ---------------------------------------------------------------------------------------------------
 # evaluation
 # ---------------------------------------------------------------------------------------------------
+EVAL_DECODINGS = ("sample", "greedy", "beam")
+
+
+def eval_decoding(args) -> tuple[str, int]:
+    """(decoding, beams) of the run's evaluations: `args.eval_decoding` (sample when the settings have none) and
+    the beams of beam search (1 for sample and greedy)."""
+    decoding = getattr(args, "eval_decoding", None) or "sample"
+    return decoding, (getattr(args, "eval_num_beams", None) or 1) if decoding == "beam" else 1
+
+
+def _generation_model(model):
+    """(the transformers model whose `generate` decodes for `model`, the context it runs in): a LoRA policy's base
+    with its adapter on, a LoRA reference's base with every adapter off, a DDP-wrapped model's own module."""
+    import contextlib
+
+    from common.lora import POLICY_ADAPTER, AdapterView, use_adapter
+
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    if isinstance(model, LoraPolicy):
+        return model.lm, use_adapter(model.lm, POLICY_ADAPTER)
+    if isinstance(model, AdapterView):
+        return model.module, use_adapter(model.root, model.adapter)
+    return model, contextlib.nullcontext()
+
+
+@torch.no_grad()
+def search(model, queries: list[list[int]], *, num_beams: int, max_new_tokens: int, min_new_tokens: int, eos_id: int,
+           pad_id: int, device) -> list[list[int]]:
+    """Each query's response by transformers' own `generate`, without sampling: greedy (`num_beams` 1) or beam
+    search over `num_beams` beams (its defaults otherwise: length penalty 1, no early stopping), at most
+    `max_new_tokens` and EOS not before `min_new_tokens`; pad is never chosen (suppressed), as in `sample`. Every
+    other decoding setting is given explicitly, so a model's own generation_config changes nothing. Prompts go
+    in left-padded (an encoder-decoder model's encoder gets them left-aligned); each response ends at its EOS
+    (included). Under FSDP every process takes part in every step (`synced_gpus`)."""
+    from common.fsdp import is_sharded
+    from common.generation import _autocast, is_seq2seq, left_to_right_aligned
+
+    lm, active = _generation_model(model)
+    ids, mask = left_pad(queries, pad_id, device)
+    seq2seq = is_seq2seq(lm)
+    if seq2seq:
+        ids, mask = left_to_right_aligned(ids, mask)
+    synced = is_sharded(lm) and dist.is_initialized() and dist.get_world_size() > 1
+    with active, _autocast(ids.device):
+        out = lm.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=num_beams,
+                          num_return_sequences=1, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                          eos_token_id=eos_id, pad_token_id=pad_id, suppress_tokens=[pad_id], length_penalty=1.0,
+                          early_stopping=False, repetition_penalty=1.0, no_repeat_ngram_size=0, synced_gpus=synced)
+    out = out[:, 1:] if seq2seq else out[:, ids.shape[1]:]  # the decoder's start token / the prompt
+    rows = []
+    for row in out.tolist():
+        row = row[: row.index(eos_id) + 1] if eos_id in row else row
+        while row and row[-1] == pad_id:  # a row that ended before the others, padded by generate
+            row.pop()
+        rows.append(row)
+    return rows
+
+
 @torch.no_grad()
 def evaluate(policy, ref, tok, task: Task, examples, reward_fn, args, device, batch_size: int = 32, seed: int = 1234,
              step: int = 0):
-    """Validation: sample with the learner's settings (fixed seed, so evaluations compare), then reward,
-    KL to the reference (sum over tokens, k1), output perplexity under the reference model, and the task's
-    metrics (`args.slow_metrics`: also METEOR and SPICE). Returns (metrics, rows of (prompt, response, reward))."""
+    """Validation on `examples`, decoded as `args.eval_decoding` says (`eval_decoding`): `sample` draws one
+    response per prompt with the learner's settings (fixed seed, so evaluations compare); `greedy` and `beam`
+    decode with transformers' `generate` (`search`). Then the reward, the KL to the reference (sum over tokens
+    of log pi - log pi_ref, k1: for greedy and beam the log-probs come from scoring the chosen response under
+    the policy, so it is the log-ratio of that response rather than an estimate of the KL), the output perplexity
+    under the reference model, and the task's metrics (`args.slow_metrics`: also METEOR and SPICE); `prompts`
+    counts the examples. The random streams are left as they were. Returns (metrics, rows of (prompt, response,
+    reward))."""
     from common.metrics import compute_metrics, perplexity
 
+    decoding, beams = eval_decoding(args)
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     prompts, responses, kls, ppl_nll, n_tok = [], [], [], 0.0, 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i: i + batch_size]
         q = encode_prompts(task, tok, chunk, args.prompt_tokens)
-        s = sample(policy, q, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                   eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=args.temperature, device=device)
+        if decoding == "sample":
+            s = sample(policy, q, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                       eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=args.temperature, device=device)
+            tokens = s.tokens
+        else:
+            tokens = search(policy, q, num_beams=beams, max_new_tokens=args.max_new_tokens,
+                            min_new_tokens=args.min_new_tokens, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                            device=device)
         qi, qm = left_pad(q, tok.pad_token_id, device)
-        ri, rm = right_pad(s.tokens, tok.pad_token_id, device=device)
+        ri, rm = right_pad(tokens, tok.pad_token_id, device=device)
         ref_lp, _ = forward_response(ref, qi, qm, ri, rm, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                                      min_new_tokens=args.min_new_tokens, temperature=args.temperature)
-        lp = right_pad_float(s.logprobs, ri.shape[1], device)
+        if decoding == "sample":
+            lp = right_pad_float(s.logprobs, ri.shape[1], device)
+        else:  # the chosen responses scored under the policy (generate's scores are beam scores, not log-probs)
+            lp, _ = forward_response(policy, qi, qm, ri, rm, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                     min_new_tokens=args.min_new_tokens, temperature=args.temperature)
         kls += ((lp - ref_lp) * rm).sum(1).tolist()
         ppl_nll += float(-(ref_lp * rm).sum())
         n_tok += int(rm.sum())
         prompts += [e.prompt for e in chunk]
-        responses += decode(tok, s.tokens)
+        responses += decode(tok, tokens)
     torch.random.set_rng_state(rng_state)
     refs = [e.references for e in examples]
     scores = scored(reward_fn, prompts, responses, refs, f"evaluation at iteration {step}")
@@ -415,8 +490,46 @@ def evaluate(policy, ref, tok, task: Task, examples, reward_fn, args, device, ba
                                    slow_metrics=getattr(args, "slow_metrics", False)))
     if task.name == "imdb":
         metrics["reference_perplexity"] = perplexity(policy, tok, prompts, [r[0] for r in refs], device)
+    metrics["prompts"] = float(len(examples))
     rows = list(zip(prompts, responses, scores))
     return metrics, rows
+
+
+def final_eval_set(task: Task, data_dir, args, val: list) -> list:
+    """The prompts of the final evaluation (and of the evaluation before training that eval.json compares it
+    with): the first `args.final_eval_samples` validation examples, 0 = the whole split, None = `val` (the
+    periodic evaluations' first `eval_samples`). `val` itself when that is the same set."""
+    n = getattr(args, "final_eval_samples", None)
+    if n is None:
+        return val
+    examples = task.load("validation", data_dir, limit=n or None)
+    return val if len(examples) == len(val) else examples
+
+
+def eval_protocol(args, periodic: int, final: int) -> dict:
+    """How the evaluations decoded and on how many prompts, for eval.json."""
+    decoding, beams = eval_decoding(args)
+    how = {"decoding": decoding, **({"num_beams": beams} if decoding == "beam" else {}),
+           "min_new_tokens": args.min_new_tokens, "max_new_tokens": args.max_new_tokens}
+    return {**how, "periodic_prompts": periodic, "final_prompts": final}
+
+
+def evaluate_start(run_eval, step: int) -> dict:
+    """The evaluations before training: on the periodic prompts (the curves' first point), then on the final
+    evaluation's where those differ. Returns the one eval.json keeps as "initial". `run_eval(step, final)` is the
+    script's: `final=True` gives None where the final prompts are the periodic ones."""
+    periodic = run_eval(step)
+    final = run_eval(step, final=True)
+    return periodic if final is None else final
+
+
+def evaluate_end(run_eval, step: int, last_periodic: dict | None) -> dict:
+    """The final evaluation (eval.json's "final"): on the final evaluation's prompts where they differ from the
+    periodic ones, else the last periodic evaluation (made at the last iteration, or now)."""
+    final = run_eval(step, final=True)
+    if final is not None:
+        return final
+    return last_periodic if last_periodic is not None else run_eval(step)
 
 
 def right_pad_float(rows: list[list[float]], width: int, device) -> torch.Tensor:
@@ -480,13 +593,20 @@ class RunLogger:
             self.jsonl.close()
 
 
-def report(before: dict, after: dict, run_dir: Path, file=sys.stdout):
-    """Print the before/after table of validation reward and metrics; keep it as eval.json."""
+def report(before: dict, after: dict, run_dir: Path, file=sys.stdout, protocol: dict | None = None):
+    """Print the before/after table of validation reward and metrics; keep it as eval.json, with `protocol`
+    (`eval_protocol`: the decoding and the prompts of the periodic and the final evaluations) under
+    "evaluation"."""
     keys = [k for k in before if k in after]
     print(f"\n{'validation':<24}{'before':>12}{'after':>12}", file=file)
     for k in keys:
         print(f"{k:<24}{before[k]:>12.4f}{after[k]:>12.4f}", file=file)
-    (run_dir / "eval.json").write_text(json.dumps({"initial": before, "final": after}, indent=1))
+    if protocol:
+        how = protocol["decoding"] + (f" ({protocol['num_beams']} beams)" if "num_beams" in protocol else "")
+        print(f"decoded by {how}; before and after on {protocol['final_prompts']} validation prompts, the curves on "
+              f"{protocol['periodic_prompts']}", file=file)
+    out = {"initial": before, "final": after, **({"evaluation": protocol} if protocol else {})}
+    (run_dir / "eval.json").write_text(json.dumps(out, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -497,8 +617,9 @@ def _flag(name: str) -> str:
 
 
 _AT_LEAST_1 = ("iterations", "rollouts_per_iteration", "minibatch_size", "micro_batch_size", "n_epochs",
-               "eval_interval", "eval_samples", "save_interval", "prompt_tokens", "max_new_tokens", "kl_horizon")
-_AT_LEAST_0 = ("seed", "min_new_tokens", "sample_rows", "guide_top_k", "tau", "guide_temperature")
+               "eval_interval", "eval_samples", "save_interval", "prompt_tokens", "max_new_tokens", "kl_horizon",
+               "eval_num_beams")
+_AT_LEAST_0 = ("seed", "min_new_tokens", "sample_rows", "guide_top_k", "tau", "guide_temperature", "final_eval_samples")
 _ABOVE_0 = ("temperature", "adam_eps", "max_grad_norm", "clip_range", "clip_range_vf", "kl_target")
 _NOT_NEGATIVE = ("lr", "weight_decay", "vf_coef", "kl_coef", "nll_coef")
 _FROM_0_TO_1 = ("gamma", "lam", "beta", "p_ppo_pp", "guide_top_p")
@@ -526,6 +647,10 @@ def check_settings(args, world: int) -> None:
                 raise UsageError(f"{_flag(name)} must be {what}, not {v}")
     if args.min_new_tokens > args.max_new_tokens:
         raise UsageError(f"--min-new-tokens {args.min_new_tokens} exceeds --max-new-tokens {args.max_new_tokens}")
+    decoding = value("eval_decoding")
+    if decoding is not None and decoding not in EVAL_DECODINGS:
+        raise UsageError(f"--eval-decoding must be {', '.join(EVAL_DECODINGS[:-1])} or {EVAL_DECODINGS[-1]}, "
+                         f"not {decoding!r}")
     device = args.device
     if device != "auto" and device != "cpu" and device.split(":")[0] != "cuda":
         raise UsageError(f"--device must be auto, cpu or cuda, not {device!r}")
@@ -539,11 +664,18 @@ def check_settings(args, world: int) -> None:
     if guide is not None:
         from common.guides import is_server_url
 
-        if guide not in ("model", "rule") and not is_server_url(guide):
-            raise UsageError(f"--guide must be model, rule or a server URL (http://HOST:PORT/v1), not {guide!r}")
-        if guide == "model" and value("guide_temperature") == 0:
+        if guide not in ("model", "rule", "learner") and not is_server_url(guide):
+            raise UsageError(f"--guide must be model, rule, learner or a server URL (http://HOST:PORT/v1), not "
+                             f"{guide!r}")
+        if guide in ("model", "learner") and value("guide_temperature") == 0:
             raise UsageError("--guide-temperature must be above 0 for a model guide, which samples; greedy "
                              "(temperature 0) is for a server guide (--guide http://HOST:PORT/v1)")
+        if guide == "learner" and value("guide_model"):
+            raise UsageError("--guide-model is not used with --guide learner (the guide is the learner itself): "
+                             "drop one of them")
+        if guide == "learner" and value("fsdp"):
+            raise UsageError("--guide learner does not run under --fsdp (the guide's calls differ between "
+                             "processes): use DDP or one process")
         if guide == "rule" and args.task not in RULE_GUIDES:
             raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {args.task}: use --guide model")
         if guide == "rule" and value("guide_model"):
@@ -573,6 +705,9 @@ def check_models(args, setup: ModelSetup | None = None) -> None:
             setup.check_targets(skeleton, policy or f"the embedded {args.task} policy")
 
 
+_BEFORE_EVAL_SETTINGS = {"eval_decoding": lambda old: "sample",
+                         "final_eval_samples": lambda old: old.get("eval_samples")}
+"""a run whose args.json predates these settings evaluated this way: resumed, it goes on evaluating so"""
 RESUME_MAY_CHANGE = ("iterations", "eval_interval", "save_interval", "sample_rows", "device", "micro_batch_size",
                      "gradient_checkpointing", "data_dir", "slow_metrics", "keep_checkpoint", "rebuild_models")
 """settings a resumed run may change (one printed line says which); any other that differs is refused"""
@@ -603,6 +738,8 @@ def resume_settings(args, algo: str):
     updates, changed = {}, []
     for f in dataclasses.fields(args):
         k = f.name
+        if k in _BEFORE_EVAL_SETTINGS and k not in old:
+            old[k] = _BEFORE_EVAL_SETTINGS[k](old)
         if k in _RESUME_IGNORED or k not in old:
             continue
         new, was = getattr(args, k), old[k]
@@ -879,7 +1016,12 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
     LoRA policy's own start model (same path) is that policy's base with the adapters off, not a second copy; any
     other model guide is loaded (4/8-bit with the policy, `setup`). Loading leaves the random streams alone. A
     model guide keeps its own chat template, applied to its own prompt, whenever its tokenizer has one and
-    `chat_template` is not off."""
+    `chat_template` is not off.
+
+    `learner`: the official code's moving guide (SPEC 5.1, a defect there): the current learner itself, `policy`,
+    sampled with the guide's settings (top-p 0.92 ...), so its samples follow the learner's weights as they train;
+    its tokenizer and chat template are those a model guide of the learner's start model would have. Offered to
+    reproduce the paper's published setting next to the frozen guide."""
     from common.guides import RULE_GUIDES, CallableGuide, HFGuide, ServerOptions, build_server_guide, is_server_url
 
     server = server or ServerOptions()
@@ -897,7 +1039,10 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
             raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {task.name}: use --guide model")
         return CallableGuide(RULE_GUIDES[task.name], name=f"{task.name}-rule")
     if kind != "model":
-        raise UsageError(f"--guide must be model, rule or a server URL (http://HOST:PORT/v1), not {kind!r}")
+        if kind == "learner":
+            return learner_guide(policy, top_p=top_p, top_k=top_k, temperature=temperature,
+                                 min_new_tokens=min_new_tokens, device=device, chat_template=chat_template)
+        raise UsageError(f"--guide must be model, rule, learner or a server URL (http://HOST:PORT/v1), not {kind!r}")
     gtok = load_tokenizer(guide_path)
     setup_chat(gtok, "off" if chat_template == "off" else "auto", encoder_decoder=is_encoder_decoder(guide_path))
     if isinstance(policy, LoraPolicy) and guide_path == policy.path:
@@ -908,6 +1053,25 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
                                    quantization=setup.quantization_config() if setup else None)
     return HFGuide(model, gtok, top_p=top_p, top_k=top_k, temperature=temperature,
                    min_new_tokens=min_new_tokens, device=device, name=guide_path)
+
+
+def learner_guide(policy, *, top_p: float, top_k: int, temperature: float, min_new_tokens: int, device,
+                  chat_template: str = "off"):
+    """`--guide learner`: an HFGuide sampling `policy`, the learner being trained, whose weights it leaves
+    trainable (the guide of every other kind is frozen). See `build_guide`."""
+    from common.guides import HFGuide
+
+    if policy is None:
+        raise UsageError("--guide learner needs the learner (the script's policy)")
+    path = policy.path if isinstance(policy, LoraPolicy) else _base_model(policy).name_or_path
+    gtok = load_tokenizer(path)
+    setup_chat(gtok, "off" if chat_template == "off" else "auto", encoder_decoder=is_encoder_decoder(path))
+    return HFGuide(policy, gtok, top_p=top_p, top_k=top_k, temperature=temperature, min_new_tokens=min_new_tokens,
+                   device=device, name=f"the learner ({path}, moving)", frozen=False)
+
+
+def _base_model(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def mixed_rows(prompts, guide_parts, learner_parts, scores):

@@ -50,6 +50,10 @@ class RunSettings:
     """rows in the TensorBoard sample tables"""
     slow_metrics: bool = False
     """also METEOR and SPICE in CommonGen's evaluations (they start a JVM)"""
+    eval_num_beams: int = 5
+    """beams of --eval-decoding beam (the official code's 5)"""
+    final_eval_samples: int | None = None
+    """prompts of the final evaluation (and the start's it is compared with); 0 = all; None = --eval-samples"""
     rebuild_models: bool = False
     """build the task's embedded models again instead of loading them from the cache (RLGF_CACHE_DIR)"""
 

@@ -28,6 +28,7 @@ DEVICE = os.environ.get("RLGF_TEST_DEVICE", "cpu")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "device: runs on RLGF_TEST_DEVICE (default cpu)")
+    config.addinivalue_line("markers", "whole_final_split: keeps the presets' final evaluation on the whole split")
 
 
 # tiny models on a shared 2-core machine: one intra-op thread is several times faster than two (no
@@ -59,6 +60,22 @@ def _isolated_cache(tmp_path_factory):
         os.environ.pop("RLGF_CACHE_DIR", None)
     else:
         os.environ["RLGF_CACHE_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def _final_eval_on_eval_samples(request, monkeypatch):
+    """A tiny model given with --policy-model takes the paper's preset, whose final evaluation runs on the whole
+    validation split (IMDB: 5000 reviews): in tests it runs on the --eval-samples prompts, as the periodic ones,
+    unless the test is marked `whole_final_split` or sets --final-eval-samples itself."""
+    if request.node.get_closest_marker("whole_final_split"):
+        yield
+        return
+    from common import presets
+
+    for table in (presets.PAPER, presets.SMOLLM2):
+        for task in table:
+            monkeypatch.setitem(table[task], "final_eval_samples", None)
+    yield
 
 
 def train_texts(task: str, n: int = 300) -> list[str]:

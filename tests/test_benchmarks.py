@@ -107,6 +107,56 @@ def test_report_tables_means_and_plots(tmp_path, monkeypatch):
     assert diag["d2lols"][2:] == ["22.500", "0.700", "0.350", "-"]
 
 
+def test_t_distribution_against_textbook_values():
+    # two-sided 95% critical values from any t table; Cauchy (df 1): P(T <= 2) = 1/2 + atan(2)/pi by hand
+    for df, crit in ((1, 12.7062047), (4, 2.7764451), (10, 2.2281389), (30, 2.0422725)):
+        assert reproduce.t_ppf(0.975, df) == pytest.approx(crit, abs=1e-6)
+        assert reproduce.t_cdf(crit, df) == pytest.approx(0.975, abs=1e-7)
+    assert reproduce.t_cdf(2.0, 1) == pytest.approx(0.5 + np.arctan(2.0) / np.pi, abs=1e-12)
+    assert reproduce.t_cdf(0.0, 7) == 0.5 and reproduce.t_ppf(0.8, 4) == pytest.approx(0.9409646, abs=1e-6)
+    # the regularized incomplete beta by hand: I_x(1, 1) = x, I_x(2, 1) = x^2, I_x(1, 2) = 1 - (1 - x)^2
+    assert reproduce.betainc(1, 1, 0.3) == pytest.approx(0.3) and reproduce.betainc(2, 1, 0.3) == pytest.approx(0.09)
+    assert reproduce.betainc(1, 2, 0.3) == pytest.approx(0.51)
+
+
+def test_welch_interval_p_value_and_detectable_difference():
+    # by hand: means 2 and 3, variances 1 and 1, n 3 and 3: difference 1, SE sqrt(2/3), df 4 (equal variances and
+    # sizes), t = 1.2247; the interval is 1 +- 2.7764 * 0.8165; p = 2 P(T_4 > 1.2247) = 0.28786 (t_4 in closed form:
+    # P(T_4 <= t) = 1/2 + t (t^2 + 6) / (2 (t^2 + 4)^1.5))
+    w = reproduce.welch([1, 2, 3], [2, 3, 4])
+    assert w["diff"] == pytest.approx(1.0) and w["df"] == pytest.approx(4.0)
+    half = 2.7764451052 * np.sqrt(2 / 3)
+    assert (w["low"], w["high"]) == (pytest.approx(1 - half, abs=1e-8), pytest.approx(1 + half, abs=1e-8))
+    t = 1 / np.sqrt(2 / 3)
+    assert w["p"] == pytest.approx(2 * (0.5 - t * (t * t + 6) / (2 * (t * t + 4) ** 1.5)), abs=1e-10)
+    # unequal variances: scipy.stats.ttest_ind(b, a, equal_var=False) gives t -2.459748, df 3.965316, p 0.070261
+    w = reproduce.welch([0.61, 0.70, 0.64], [0.50, 0.60, 0.56])
+    assert w["diff"] == pytest.approx(-0.0966667, abs=1e-7) and w["df"] == pytest.approx(3.9653155, abs=1e-6)
+    assert w["p"] == pytest.approx(0.0702613, abs=1e-6) and w["low"] < w["diff"] < w["high"] < 0.0129
+    assert reproduce.welch([1.0], [2.0, 3.0]) is None  # one seed: no interval
+    # pooled SD by hand: groups (1, 2, 3) and (2, 4): (2 * 1 + 1 * 2) / 3 = 4/3
+    assert reproduce.pooled_sd([[1, 2, 3], [2, 4], [5]]) == pytest.approx(np.sqrt(4 / 3))
+    # 80% power at alpha 0.05, 3 seeds against 3: (t_0.975,4 + t_0.8,4) sd sqrt(2/3)
+    assert reproduce.min_detectable(1.0, 3, 3) == pytest.approx((2.7764451 + 0.9409646) * np.sqrt(2 / 3), abs=1e-6)
+
+
+def test_report_sets_each_guided_configuration_against_ppo(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, (p, g) in enumerate(((0.6, 0.5), (0.8, 0.6), (0.7, 0.55)), start=1):
+        _fake_run(runs, f"ppo-none-imdb-seed{seed}", 0.5, p)
+        _fake_run(runs, f"ppo_plus_plus-model-imdb-seed{seed}", 0.5, g)
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "guides.json").write_text(json.dumps({"imdb/model": {"reward": 0.65}}))
+    reproduce.report(reproduce.Args(tasks=["imdb"], seeds=[1, 2, 3], algos=["ppo", "ppo_plus_plus"],
+                                    runs_dir=str(runs), results_dir=str(res), report_only=True))
+    row = _table_after((res / "README.md").read_text(), "Each guided configuration against PPO")
+    w = reproduce.welch([0.6, 0.8, 0.7], [0.5, 0.6, 0.55])
+    mdd = reproduce.min_detectable(reproduce.pooled_sd([[0.6, 0.8, 0.7], [0.5, 0.6, 0.55]]), 3, 3)
+    assert row["ppo_plus_plus (model guide)"][1:] == [
+        "3", f"{w['diff']:+.3f}", f"[{w['low']:+.3f}, {w['high']:+.3f}]", f"{w['p']:.3f}", f"{mdd:.3f}"]
+
+
 def test_throughput_sets_each_iteration_against_the_floor_of_its_own_work(tmp_path, monkeypatch):
     """benchmarks/throughput.py on a tiny model (no embedded build): one floor per counted iteration, made of that
     iteration's sampling calls and batch, and the ratio is the median of iteration time / its own floor."""

@@ -155,7 +155,8 @@ def test_ppo_main_samples_trains_and_evaluates_on_templated_prompts(chat_model, 
     monkeypatch.setattr(ppo, "forward_response", rec_fwd)
     args = ppo.Args(task="commongen", policy_model=str(chat_model), data_dir=str(DATA), output_dir=str(tmp_path),
                     run_name="chat", iterations=1, rollouts_per_iteration=4, minibatch_size=4, n_epochs=1,
-                    eval_samples=2, eval_interval=1, max_new_tokens=6, device="cpu")
+                    eval_samples=2, eval_interval=1, max_new_tokens=6, device="cpu",
+                    eval_decoding="sample")  # the evaluation's queries are recorded from its sampling calls
     ppo.main(args)
     tok, _ = _tok(chat_model)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -266,7 +267,8 @@ def test_scripts_sample_and_train_on_queries_with_the_special_tokens(specials_mo
     monkeypatch.setattr(rt, "make_reward", lambda *a, **k: length_reward)  # CommonGen's CIDEr-D index: ~9 s
     args = ppo.Args(task="commongen", policy_model=str(path), data_dir=str(DATA), output_dir=str(tmp_path),
                     run_name="sp", iterations=1, rollouts_per_iteration=4, minibatch_size=4, n_epochs=1,
-                    eval_samples=2, eval_interval=1, max_new_tokens=6, device="cpu")
+                    eval_samples=2, eval_interval=1, max_new_tokens=6, device="cpu",
+                    eval_decoding="sample")  # the evaluation's queries are recorded from its sampling calls
     ppo.main(args)
     tok = load_tokenizer(str(path))
     setup_chat(tok, "off", encoder_decoder=kind == "seq2seq")

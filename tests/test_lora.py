@@ -589,7 +589,8 @@ def test_torchrun_two_processes_with_lora(llama, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "lols.py",
            "--task", "commongen", "--policy-model", str(llama()), "--device", "cpu", "--iterations", "2",
            "--rollouts-per-iteration", "4", "--minibatch-size", "2", "--n-epochs", "1", "--eval-samples", "2",
-           "--eval-interval", "1", "--output-dir", str(tmp_path), "--run-name", "ddp", "--lora-r", "4",
+           "--final-eval-samples", "2", "--eval-interval", "1", "--output-dir", str(tmp_path), "--run-name", "ddp",
+           "--lora-r", "4",
            "--p-ppo-pp", "0.5", "--lr", "1e-2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RLGF_DATA_DIR": str(DATA)}
     p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)

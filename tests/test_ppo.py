@@ -853,7 +853,10 @@ def test_end_to_end_two_iterations(e2e, tiny_model, task):
     assert any(not torch.equal(init[k], final[k]) for k in init)
     assert (run_dir / "checkpoint.pt").is_file() and (run_dir / "critic.pt").is_file()
     assert json.loads((run_dir / "args.json").read_text())["task"] == task
-    assert json.loads((run_dir / "eval.json").read_text()) == {"initial": before, "final": after}
+    saved = json.loads((run_dir / "eval.json").read_text())
+    assert {k: saved[k] for k in ("initial", "final")} == {"initial": before, "final": after}
+    # how the evaluations decoded and on how many prompts (the paper's preset for a given model: the task's decoding)
+    assert saved["evaluation"]["periodic_prompts"] == saved["evaluation"]["final_prompts"] == before["prompts"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1066,7 +1069,8 @@ def test_torchrun_two_processes(tiny_model, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "ppo.py",
            "--task", "tldr", "--policy-model", str(tiny_model("tldr")), "--device", "cpu", "--prompt-tokens", "48",
            "--iterations", "2", "--rollouts-per-iteration", "4", "--minibatch-size", "2", "--n-epochs", "1",
-           "--eval-samples", "2", "--eval-interval", "1", "--output-dir", str(tmp_path), "--run-name", "ddp"]
+           "--eval-samples", "2", "--final-eval-samples", "2", "--eval-interval", "1", "--output-dir", str(tmp_path),
+           "--run-name", "ddp"]
     p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     run_dir = tmp_path / "ddp"

@@ -179,8 +179,8 @@ def test_run_one_keeps_no_weights_and_skips_finished_runs(tmp_path, monkeypatch)
     before_resume = []
     real_prune = reproduce.prune_run
 
-    def spy(run_dir, finished=True):
-        real_prune(run_dir, finished)
+    def spy(run_dir, finished=True, keep_policy=False):
+        real_prune(run_dir, finished, keep_policy)
         if not finished:
             before_resume.append(sorted(p.name for p in run_dir.iterdir()))
 

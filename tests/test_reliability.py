@@ -382,7 +382,8 @@ def test_sigterm_mid_run_then_resume_gives_the_uninterrupted_numbers(tiny_model,
     model = tiny_model("commongen")
     flags = ["--task", "commongen", "--policy-model", str(model), "--data-dir", str(DATA), "--device", "cpu",
              "--iterations", "6", "--rollouts-per-iteration", "4", "--minibatch-size", "2", "--n-epochs", "1",
-             "--eval-samples", "2", "--eval-interval", "3", "--save-interval", "1", "--lr", "1e-3",
+             "--eval-samples", "2", "--final-eval-samples", "2", "--eval-interval", "3", "--save-interval", "1",
+             "--lr", "1e-3",
              "--kl-coef", "0.01", "--output-dir", str(tmp_path)]
     p = subprocess.Popen([sys.executable, "ppo.py", *flags, "--run-name", "cut"], cwd=REPO, env=_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -176,7 +176,7 @@ def test_fsdp_two_processes_match_ddp_save_and_resume(tiny_model, tmp_path):
     from_pretrained loads, and a run resumed from its checkpoint continues with DDP's numbers."""
     common = ["--task", "tldr", "--policy-model", str(tiny_model("tldr")), "--prompt-tokens", "48",
               "--rollouts-per-iteration", "4", "--minibatch-size", "2", "--n-epochs", "1", "--eval-samples", "2",
-              "--eval-interval", "1", "--output-dir", str(tmp_path)]
+              "--final-eval-samples", "2", "--eval-interval", "1", "--output-dir", str(tmp_path)]
     _torchrun("ppo.py", *common, "--iterations", "2", "--run-name", "ddp")
     _torchrun("ppo.py", *common, "--iterations", "1", "--run-name", "fsdp", "--fsdp", "--keep-checkpoint")
     first = _train_lines(tmp_path / "fsdp")
@@ -231,7 +231,8 @@ def test_fsdp_two_processes_with_lora_match_ddp(tiny_model, tmp_path):
     --fsdp gives DDP's numbers in both phases, and saves the same adapter."""
     common = ["--task", "tldr", "--policy-model", str(tiny_model("tldr")), "--prompt-tokens", "48",
               "--rollouts-per-iteration", "4", "--minibatch-size", "2", "--n-epochs", "1", "--eval-samples", "2",
-              "--eval-interval", "1", "--output-dir", str(tmp_path), "--iterations", "2", "--lora-r", "4",
+              "--final-eval-samples", "2", "--eval-interval", "1", "--output-dir", str(tmp_path), "--iterations", "2",
+              "--lora-r", "4",
               "--lora-alpha", "8", "--lr", "1e-4", "--p-ppo-pp", "0.5", "--seed", "2"]
     _torchrun("lols.py", *common, "--run-name", "ddp")
     _torchrun("lols.py", *common, "--run-name", "fsdp", "--fsdp")

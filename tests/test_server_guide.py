@@ -317,7 +317,7 @@ def test_server_flags_are_checked(folders, tmp_path):
     with pytest.raises(UsageError, match="--guide-cache .* cannot write there"):
         rt.build_guide("http://127.0.0.1:9/v1", task, None, None, "cpu", server=ServerOptions(
             cache=str(tmp_path / "no" / "such" / "c.jsonl"), model_name="x"), **dict(kw, temperature=0.0))
-    with pytest.raises(UsageError, match="--guide must be model, rule or a server URL"):
+    with pytest.raises(UsageError, match="--guide must be model, rule, learner or a server URL"):
         rt.build_guide("ftp://x", task, None, None, "cpu", **kw)
 
 
