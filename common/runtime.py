@@ -560,11 +560,13 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         run_dir.mkdir(parents=True, exist_ok=True)
+        run = current_run()
+        if run is not None:
+            run.started, run.logger = True, self
         self.writer = SummaryWriter(str(run_dir), purge_step=resume_from)
         jsonl = run_dir / "metrics.jsonl"
         if resume_from is not None and jsonl.exists():
-            keep = [l for l in jsonl.read_text().splitlines() if l.strip() and json.loads(l)["step"] < resume_from]
-            jsonl.write_text("".join(l + "\n" for l in keep))
+            jsonl.write_text("".join(l + "\n" for l in metrics_to_keep(jsonl, resume_from)))
         cfg = {"script": algo, **asdict(args)}  # the script, so that --resume refuses another script's folder
         (run_dir / "args.json").write_text(json.dumps(cfg, indent=1, default=str))
         self.writer.add_text("args", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in cfg.items()))
@@ -588,9 +590,36 @@ class RunLogger:
         self.writer.add_text(tag, "\n".join(lines), step)
 
     def close(self):
-        if self.enabled:
-            self.writer.close()
-            self.jsonl.close()
+        """Idempotent (a run folder being discarded closes its logger too)."""
+        for name in ("writer", "jsonl"):
+            handle = self.__dict__.pop(name, None) if self.enabled else None
+            if handle is not None:
+                handle.close()
+
+
+def metrics_to_keep(jsonl: Path, resume_from: int) -> list[str]:
+    """The lines of a resumed run's metrics.jsonl that stay: those of steps before `resume_from` (later ones are
+    redone). A line that is not a whole JSON record (a kill or a full disk cuts the last one short) is dropped,
+    said in one line. Where every iteration was done (a run stopped while writing its results), the final
+    evaluation's line goes too: the resumed run logs it again."""
+    keep, damaged = [], []
+    for n, line in enumerate(jsonl.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            step = rec["step"]
+            assert isinstance(rec, dict) and isinstance(step, int)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            damaged.append(n)
+            continue
+        if step < resume_from and not (step == resume_from - 1 == _RUN.get("iterations")
+                                       and all(k == "step" or k.startswith("eval/") for k in rec)):
+            keep.append(line)
+    if damaged:
+        print(f"{jsonl}: dropped {len(damaged)} incomplete line(s) (line {', '.join(map(str, damaged))}), as a kill "
+              "or a full disk leaves them; their steps are logged again if they are redone")
+    return keep
 
 
 def report(before: dict, after: dict, run_dir: Path, file=sys.stdout, protocol: dict | None = None):
@@ -758,15 +787,170 @@ def resume_settings(args, algo: str):
 
 
 def run_dir_of(args, algo: str, task: str, rank: int = 0) -> Path:
-    """The run folder: --resume's, or a new one under --output-dir. A new run never writes into a folder that
-    holds another run (its metrics.jsonl would mix two runs)."""
+    """The run folder: --resume's, or a new one under --output-dir, claimed for this run (rank 0; see RunFolder)
+    before anything else is done: a folder another live run holds, a new run's folder that holds a finished or
+    stopped run (its metrics.jsonl would mix two runs) and a folder that cannot be written are refused."""
+    _RUN["iterations"] = args.iterations  # every process: --resume's check against the checkpoint
     if args.resume:
-        return Path(args.resume)
-    run_dir = run_dir_for(args.output_dir, algo, task, args.seed, args.run_name)
-    if rank == 0 and any((run_dir / n).exists() for n in ("args.json", "metrics.jsonl", "checkpoint.pt")):
-        raise UsageError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir}, or "
-                         "choose another --run-name")
+        run_dir = Path(args.resume)
+    else:
+        run_dir = run_dir_for(args.output_dir, algo, task, args.seed, args.run_name)
+    if rank == 0 and int(os.environ.get("RANK", "0")) == 0:
+        RunFolder.claim(run_dir, algo, bool(args.resume))
     return run_dir
+
+
+_RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "checkpoint.pt.tmp", "eval.json", "critic.pt")
+_NEW_RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt.tmp")  # what a run writes before its first checkpoint
+
+
+class RunFolder:
+    """The folder a run writes, held by this process for the run's life: an exclusive `flock` on `RUN_DIR/.lock`
+    (which holds the process id), taken before any model is loaded. The OS releases the lock when the process
+    dies, however it dies, so a killed run never blocks its folder; `.lock` is removed when the run ends.
+
+    It also knows how far the run got (set up; running, with or without a checkpoint; every iteration done), so
+    that an error or an interruption says what is kept, and a new run stopped before its first checkpoint
+    leaves no folder behind (the same command runs again)."""
+
+    LOCK = ".lock"
+
+    def __init__(self, path: Path, algo: str, resumed: bool, created: bool, fd: int):
+        self.path, self.algo, self.resumed, self.created, self.fd = path, algo, resumed, created, fd
+        self.started = False  # the run's files (args.json, metrics.jsonl) are being written
+        self.checkpoint: int | None = None  # the iteration of the checkpoint on disk
+        self.logger = None
+
+    @classmethod
+    def claim(cls, run_dir: Path, algo: str, resumed: bool) -> "RunFolder":
+        import fcntl
+
+        created = False
+        if not resumed:
+            try:
+                run_dir.mkdir(parents=True)
+                created = True
+            except FileExistsError:
+                if not run_dir.is_dir():
+                    raise UsageError(f"run folder {run_dir} is a file, not a folder: choose another --run-name") from None
+            except OSError as e:
+                raise UsageError(f"cannot create the run folder {run_dir} ({e.strerror}): choose a writable "
+                                 "--output-dir") from None
+        lock = run_dir / cls.LOCK
+        while True:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UsageError(f"run folder {run_dir} cannot be written ({e.strerror}): "
+                                 + ("make it writable, then resume" if resumed else "choose a writable --output-dir")
+                                 ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                what = ("that run is still running" if resumed else "another run is using it")
+                raise UsageError(f"run folder {run_dir}: {what} (process {pid}); wait for it to end or stop it"
+                                 + ("" if resumed else ", or choose another --run-name")) from None
+            try:  # the lock is on the file now at that path (not on one a finishing run has just removed)
+                if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        run = cls(run_dir, algo, resumed, created, fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            if not resumed and any((run_dir / n).exists() for n in ("args.json", "metrics.jsonl", "checkpoint.pt")):
+                raise UsageError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir}, or "
+                                 "choose another --run-name")
+            unwritable = [n for n in (".", *_RUN_FILES) if (run_dir / n).exists() and not os.access(run_dir / n, os.W_OK)]
+            if unwritable:
+                raise UsageError(f"run folder {run_dir} cannot be written ({', '.join(unwritable)}: permission "
+                                 "denied): " + ("make it writable, then resume" if resumed else
+                                                "choose a writable --output-dir"))
+        except BaseException:
+            run.release()
+            if created:
+                run_dir.rmdir()
+            raise
+        from common.errors import set_run
+
+        set_run(run)
+        return run
+
+    def checkpoint_note(self) -> str:
+        """What an error stopping the run leaves, for the end of its line (a new run without a checkpoint: nothing,
+        and its folder is removed)."""
+        if not self.started:
+            return ""
+        if self.checkpoint is None and not (self.path / "checkpoint.pt").is_file():
+            return "; nothing was checkpointed yet: the run folder is removed, so the same command can run again"
+        done = f" of iteration {self.checkpoint}" if self.checkpoint is not None else ""
+        if self.finishing:
+            return (f"; every iteration is in the checkpoint{done}: python {self.algo}.py --resume {self.path} "
+                    "writes the final evaluation and policy")
+        return f"; the checkpoint{done} is kept (python {self.algo}.py --resume {self.path} continues from it)"
+
+    @property
+    def finishing(self) -> bool:
+        """Every iteration is done and checkpointed: what is left is the final evaluation and saves."""
+        return self.checkpoint is not None and self.checkpoint >= (_RUN.get("iterations") or math.inf)
+
+    def stopped(self, failure: bool) -> str:
+        """Called once by `one_line_errors` when an error (`failure`) or an interruption ends the run: the end of
+        the error's line, or the interruption's line. A new run without a checkpoint is removed."""
+        has_checkpoint = (self.path / "checkpoint.pt").is_file()
+        note = self.checkpoint_note() if failure else ""
+        if not has_checkpoint and self.checkpoint is None:
+            self.discard()
+        if failure:
+            return note
+        if not self.started:
+            return "\ninterrupted while setting up, before the first iteration: nothing new was saved"
+        if self.finishing and has_checkpoint:
+            return (f"\ninterrupted after the last iteration ({self.checkpoint}), while writing the final evaluation "
+                    f"and policy: every iteration is in checkpoint.pt; python {self.algo}.py --resume {self.path} "
+                    "writes them")
+        if self.finishing:  # checkpoint.pt deleted by `finish`: the run had ended
+            return f"\ninterrupted after the run finished: its policy and eval.json are in {self.path}"
+        if has_checkpoint:
+            return f"\ninterrupted: continue from the last checkpoint with python {self.algo}.py --resume {self.path}"
+        return "\ninterrupted before the first checkpoint: nothing to resume, run the command again"
+
+    def discard(self) -> None:
+        """A new run stopped before its first checkpoint: remove what it wrote (and its folder, when this run made
+        it or nothing else is in it), so the same command runs again. A resumed run's folder is left alone."""
+        if self.resumed:
+            return
+        if self.logger is not None:
+            self.logger.close()
+        for p in [*(self.path / n for n in _NEW_RUN_FILES), *self.path.glob("events.out.tfevents.*")]:
+            p.unlink(missing_ok=True)
+        self.release()
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        """Remove `.lock` (while still holding it) and let it go. Idempotent."""
+        if self.fd is None:
+            return
+        try:
+            (self.path / self.LOCK).unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def current_run() -> RunFolder | None:
+    """The run folder this process holds (rank 0 of a running script), or None."""
+    from common import errors
+
+    return errors._run if isinstance(errors._run, RunFolder) else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -779,23 +963,33 @@ def _rank() -> int:
 def save_checkpoint(path: Path, state: dict):
     """Written by rank 0 alone (any process may call it): to a temporary file, flushed to disk, then renamed
     over the old one, so a kill at any moment leaves the previous checkpoint or the new one, never a part of
-    either."""
+    either. Ctrl-C or SIGTERM during the write is held back until the new checkpoint is in place, then raised."""
     if _rank() != 0:
         return
+    from common.errors import signals_deferred
+
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
+    with signals_deferred():  # Ctrl-C / SIGTERM wait for the write (and are raised after it)
         try:
-            os.fsync(fd)  # the rename itself
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        try:
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the rename itself
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        run = current_run()
+        if run is not None and isinstance(state.get("iteration"), int):
+            run.checkpoint = state["iteration"]
 
 
 def load_checkpoint(run_dir: Path, algo: str) -> dict:
@@ -814,9 +1008,30 @@ def load_checkpoint(run_dir: Path, algo: str) -> dict:
         made_by = ck.get("script") if isinstance(ck, dict) else None
         raise UsageError(f"--resume {run_dir}: checkpoint.pt was " + (f"written by {made_by}.py, not {algo}.py"
                          if made_by else "not written by this project"))
+    check_resume_iterations(run_dir, ck["iteration"], _RUN.get("iterations"))
+    run = current_run()
+    if run is not None:
+        run.checkpoint = ck["iteration"]
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"resumed from iteration {ck['iteration']}")
     return ck
+
+
+def check_resume_iterations(run_dir: Path, done: int, iterations: int | None) -> None:
+    """--resume with `iterations` in all: fewer than the `done` ones is refused; as many is allowed only where
+    the run stopped after its last iteration, before writing its results (that resume writes them); a finished run
+    (eval.json written after the checkpoint) is complete."""
+    if iterations is None:
+        return
+    more = f"give --iterations above {done} to train it further"
+    if iterations < done:
+        raise UsageError(f"--resume {run_dir}: the run has done {done} iterations, more than --iterations "
+                         f"{iterations}: {more}")
+    result = run_dir / "eval.json"
+    if iterations == done and result.is_file() and \
+            result.stat().st_mtime_ns >= (run_dir / "checkpoint.pt").stat().st_mtime_ns:
+        raise UsageError(f"--resume {run_dir}: the run is already complete ({done} iterations; results in "
+                         f"eval.json and policy/): {more}")
 
 
 def per_rank(state):
@@ -859,14 +1074,20 @@ def set_rng_state(s):
 def interrupted(e: KeyboardInterrupt, run_dir: Path, rank: int, algo: str, save_policy, resumed: bool):
     """Ctrl-C or SIGTERM: keep the policy as it is and say how to continue from the last checkpoint; before any
     checkpoint, remove what this run wrote (so the same command can run again). Exits with 130 or 143."""
+    from common.errors import signals_deferred
+
     if rank == 0:
+        run = current_run()
         if (run_dir / "checkpoint.pt").is_file():
-            saved = save_policy()
+            with signals_deferred(reraise=False):  # stopping already: a second Ctrl-C does not cut the save
+                saved = save_policy()
             where = f"policy saved to {run_dir / 'policy'}; " if saved is not False else ""
             print(f"\ninterrupted: {where}continue from the last checkpoint with python {algo}.py --resume {run_dir}",
                   file=sys.stderr)
         else:
-            if not resumed:
+            if run is not None:
+                run.discard()
+            elif not resumed:
                 for p in [run_dir / "args.json", run_dir / "metrics.jsonl", *run_dir.glob("events.out.tfevents.*")]:
                     p.unlink(missing_ok=True)
                 try:
@@ -896,20 +1117,21 @@ def finish(run_dir: Path, keep_checkpoint: bool) -> None:
 # ---------------------------------------------------------------------------------------------------
 def scored(reward_fn, prompts, responses, references, where: str) -> list[float]:
     """`reward_fn`'s scores, which must be one finite number per response; a reward that raises or returns NaN
-    stops the run with one line (RunFailed) naming `where`, e.g. the iteration."""
+    stops the run with one line (RunFailed) naming `where`, e.g. the iteration; `one_line_errors` adds what is
+    kept (RunFolder.checkpoint_note)."""
     try:
         scores = [float(x) for x in reward_fn(prompts, responses, references)]
     except (KeyboardInterrupt, UsageError, RunFailed):
         raise
     except Exception as e:
         msg = (str(e).strip().splitlines() or [""])[0][:160]
-        raise RunFailed(f"{where}: the reward raised {type(e).__name__}: {msg}; the last checkpoint is kept") from None
+        raise RunFailed(f"{where}: the reward raised {type(e).__name__}: {msg}") from None
     if len(scores) != len(responses):
         raise RunFailed(f"{where}: the reward returned {len(scores)} scores for {len(responses)} responses")
     bad = sum(not math.isfinite(x) for x in scores)
     if bad:
         raise RunFailed(f"{where}: the reward returned {bad} non-finite score(s) (NaN or inf) for {len(scores)} "
-                        "responses; the last checkpoint is kept")
+                        "responses")
     return scores
 
 
@@ -918,8 +1140,8 @@ def check_finite(stats: dict, where: str) -> None:
     here on; nothing of this iteration is saved)."""
     bad = [k for k, v in stats.items() if not math.isfinite(v)]
     if bad:
-        raise RunFailed(f"{where}: {', '.join(bad)} is not finite (NaN or inf): the run stops; the last checkpoint "
-                        "is kept (a lower --lr may help)")
+        raise RunFailed(f"{where}: {', '.join(bad)} is not finite (NaN or inf): the run stops (a lower --lr may "
+                        "help)")
 
 
 def describe_params(policy) -> str:
