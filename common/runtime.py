@@ -825,8 +825,9 @@ class RunFolder:
     def claim(cls, run_dir: Path, algo: str, resumed: bool) -> "RunFolder":
         import fcntl
 
-        created = False
+        created, made = False, []
         if not resumed:
+            made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first: removed on discard
             try:
                 run_dir.mkdir(parents=True)
                 created = True
@@ -859,6 +860,7 @@ class RunFolder:
                 pass
             os.close(fd)
         run = cls(run_dir, algo, resumed, created, fd)
+        run.made = made
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -873,7 +875,7 @@ class RunFolder:
         except BaseException:
             run.release()
             if created:
-                run_dir.rmdir()
+                run.remove_folders()
             raise
         from common.errors import set_run
 
@@ -929,10 +931,15 @@ class RunFolder:
         for p in [*(self.path / n for n in _NEW_RUN_FILES), *self.path.glob("events.out.tfevents.*")]:
             p.unlink(missing_ok=True)
         self.release()
-        try:
-            self.path.rmdir()
-        except OSError:
-            pass
+        self.remove_folders()
+
+    def remove_folders(self) -> None:
+        """The run folder, and the folders above it that the claim made (e.g. a new --output-dir), where empty."""
+        for p in getattr(self, "made", None) or [self.path]:
+            try:
+                p.rmdir()
+            except OSError:
+                return
 
     def release(self) -> None:
         """Remove `.lock` (while still holding it) and let it go. Idempotent."""
