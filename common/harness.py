@@ -88,7 +88,8 @@ class Run:
     def stream(self, purpose: str, per_process: bool = True) -> random.Random:
         """A random stream of its own for `purpose` (e.g. mixing coins), seeded from the run's seed; checkpoints
         carry it (as `<purpose>_rng`)."""
-        self.streams[f"{purpose}_rng"] = rt.rng_stream(self.args.seed, purpose, self.rank if per_process else None)
+        self.streams[f"{purpose}_rng"] = (rt.rng_stream(self.args.seed, purpose, self.rank) if per_process
+                                           else rt.rng_stream(self.args.seed, purpose))
         return self.streams[f"{purpose}_rng"]
 
     def iterations(self, **state):
@@ -198,6 +199,7 @@ class Run:
     def finish(self):
         """The final evaluation (unless the last iteration had one), the trained policy and critic, eval.json."""
         args, critic = self.args, self.critic
+        self.started = False  # every iteration is checkpointed: an interruption from here is one_line_errors' to report
         final = rt.evaluate_end(self._evaluate, args.iterations, self.last_eval) if self.evaluates else None
         rt.save_final(self.policy, critic, self.tok, self.run_dir)  # every process: under FSDP the weights are gathered
         if self.rank != 0:

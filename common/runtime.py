@@ -764,7 +764,9 @@ def resume_settings(args, algo: str):
         made_by = f"{old['script']}.py" if old.get("script") else "another program"
         raise UsageError(f"--resume {run_dir}: that run was made by {made_by}, not {algo}.py: resume it with "
                          f"the script that made it")
-    updates, changed = {}, []
+    from common.settings import given_fields
+
+    updates, changed, given_now = {}, [], given_fields(args)
     for f in dataclasses.fields(args):
         k = f.name
         if k in _BEFORE_EVAL_SETTINGS and k not in old:
@@ -772,7 +774,7 @@ def resume_settings(args, algo: str):
         if k in _RESUME_IGNORED or k not in old:
             continue
         new, was = getattr(args, k), old[k]
-        given = (new is not None and new != f.default) or (_CLI_GIVEN is not None and k in _CLI_GIVEN)
+        given = k in given_now
         if not given or new == was:
             updates[k] = was
         elif k in RESUME_MAY_CHANGE:

@@ -24,8 +24,20 @@ from pathlib import Path
 from common.errors import UsageError
 
 
+class NotesGiven(type):
+    """Notes which fields a Python caller named: `Args(eval_decoding="sample")` gives that field even at its default
+    value, so no preset overrides it (`given_fields`). A call naming every field (`dataclasses.replace`, a copy)
+    notes nothing: there a field counts as given where it differs from its default."""
+
+    def __call__(cls, *args, **kwargs):
+        obj = super().__call__(*args, **kwargs)
+        named = set(kwargs) if len(args) + len(kwargs) < len(dataclasses.fields(obj)) else set()
+        object.__setattr__(obj, "_given", named)
+        return obj
+
+
 @dataclass
-class RunSettings:
+class RunSettings(metaclass=NotesGiven):
     """the run: data, presets, run folder, resume, device, checkpoints, logging"""
 
     data_dir: str | None = None
@@ -59,7 +71,7 @@ class RunSettings:
 
 
 @dataclass
-class ModelSettings:
+class ModelSettings(metaclass=NotesGiven):
     """the model set-up: precision, memory, LoRA, quantization, chat template (docs/lora.md)"""
 
     bf16: bool = False
@@ -89,7 +101,7 @@ class ModelSettings:
 
 
 @dataclass
-class GuideSettings:
+class GuideSettings(metaclass=NotesGiven):
     """the guide: which one, how it samples, and the server guide's connection (docs/guides.md)"""
 
     guide: str = "model"
@@ -126,10 +138,11 @@ GROUPS = (RunSettings, ModelSettings, GuideSettings)
 DERIVED = {"save_interval": "--eval-interval", "micro_batch_size": "the whole per-process minibatch"}
 
 def given_fields(args) -> set[str]:
-    """The fields the user set: named on the command line, or (when built in Python) different from the default."""
+    """The fields the user set: named on the command line or by a Python caller (`NotesGiven`), or different from
+    the default."""
     from common import runtime as rt
 
-    out = set(rt._CLI_GIVEN or ())  # set by `cli`
+    out = set(rt._CLI_GIVEN or ()) | getattr(args, "_given", set())  # `cli` notes the command line's
     for f in dataclasses.fields(args):
         v = getattr(args, f.name)
         if v is not None and v != f.default:
@@ -269,7 +282,8 @@ def cli(cls, doc: str, aliases: dict | None = None):
             name = token[2:].split("=", 1)[0].replace("-", "_")
             given.add(name[3:] if name.startswith("no_") and name[3:] in names else name)
     rt._CLI_GIVEN = given & names  # read by given_fields and resume_settings
-    return cls(**{n: flat[n] for n in names})
+    # a field not named keeps the class's default: finish_settings fills it (from the preset, or a resumed run)
+    return cls(**{f.name: flat[f.name] if f.name in given else f.default for f in dataclasses.fields(cls)})
 
 
 def _description(doc: str, preset_note: str) -> str:

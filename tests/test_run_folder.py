@@ -5,6 +5,7 @@ unless a signal from outside or a second process is the point."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -206,7 +207,7 @@ def test_a_read_only_folder_is_one_line_before_any_model(tmp_path, capsys, monke
     out = tmp_path / "runs"
     (out / "run").mkdir(parents=True)
     if resume:
-        (out / "run" / "args.json").write_text(json.dumps({"script": "ppo", **ppo.Args().__dict__}))
+        (out / "run" / "args.json").write_text(json.dumps({"script": "ppo", **dataclasses.asdict(ppo.Args())}))
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == out / "run" else real(p, mode, **k))
     args = ppo.Args(resume=str(out / "run")) if resume else ppo.Args(output_dir=str(out), run_name="run")
@@ -249,7 +250,7 @@ time.sleep(120)
         with pytest.raises(SystemExit) as e:
             ppo.main(_args(ppo, cg_model, tmp_path, iterations=1))
         _one_error_line(capsys, e, 2, "another run is using it", f"process {holder.pid}", "--run-name")
-        (run / "args.json").write_text(json.dumps({"script": "ppo", **ppo.Args().__dict__}))
+        (run / "args.json").write_text(json.dumps({"script": "ppo", **dataclasses.asdict(ppo.Args())}))
         with pytest.raises(SystemExit) as e:
             ppo.main(ppo.Args(resume=str(run)))
         _one_error_line(capsys, e, 2, "that run is still running", f"process {holder.pid}")
