@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 from common.errors import RunFailed, UsageError, exit_code
-from common.lora import LoraPolicy, ModelSetup, make_adapter_critic, wrap_policy
 from common.generation import (ValueModel, decode, forward_response, left_pad, position_limit, right_pad, sample,
                                set_bf16)
 from common.chat import setup_chat, template_length
+from common.settings import ModelSetup
 from common.models import (_no_dropout, embedded_models, is_encoder_decoder, load_causal_lm, load_tokenizer,
                            resolve_model_alias)
 from common.tasks import TASKS, Task, encode_prompt
@@ -39,6 +39,13 @@ def quiet_libraries():
         transformers.utils.logging.disable_progress_bar()
     except AttributeError:
         pass
+
+
+def is_lora(model, kind: str = "LoraPolicy") -> bool:
+    """`isinstance(model, common.lora.<kind>)` without importing common.lora (peft): no model is one of its kinds
+    unless something imported it (--lora-r, `build_policy_ref_critic`)."""
+    lora = sys.modules.get("common.lora")
+    return lora is not None and isinstance(model, getattr(lora, kind))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,7 +129,7 @@ def wrap_for_training(models: list, optimizer, world: int, fsdp: bool = False) -
         if any(type(p).__name__ in ("Params4bit", "Int8Params") for m in models for p in m.parameters()):
             raise UsageError("--fsdp does not shard 4-bit / 8-bit (bitsandbytes) weights: drop --fsdp (one GPU, or "
                              "DDP with one model copy per GPU) or load the model unquantised")
-        if isinstance(models[0], LoraPolicy):
+        if is_lora(models[0]):
             from common.fsdp import shard_lora
 
             shard_lora(models, optimizer, _RUN["device"], world)
@@ -136,18 +143,27 @@ def wrap_for_training(models: list, optimizer, world: int, fsdp: bool = False) -
     return list(models)
 
 
+def _fsdp():
+    """common.fsdp once something imported it (--fsdp: `setup_device`, `wrap_for_training`), else None: then
+    nothing is sharded and each FSDP step here is its plain PyTorch one."""
+    return sys.modules.get("common.fsdp")
+
+
+def is_sharded(model) -> bool:
+    fsdp = _fsdp()
+    return fsdp is not None and fsdp.is_sharded(model)
+
+
 def full_state_dict(model, rank: int) -> dict:
     """`model.state_dict()`, gathered in full on rank 0 under FSDP (every process must call it then)."""
-    from common.fsdp import full_state_dict as gather
-
-    return gather(model, rank)
+    fsdp = _fsdp()
+    return fsdp.full_state_dict(model, rank) if fsdp is not None else model.state_dict()
 
 
 def full_optimizer_state(optimizer, rank: int) -> dict:
     """`optimizer.state_dict()`, gathered in full on rank 0 under FSDP (every process must call it then)."""
-    from common.fsdp import full_optimizer_state as gather
-
-    return gather(optimizer, rank)
+    fsdp = _fsdp()
+    return fsdp.full_optimizer_state(optimizer, rank) if fsdp is not None else optimizer.state_dict()
 
 
 def seed_everything(seed: int):
@@ -245,6 +261,8 @@ def build_policy_ref_critic(policy_path: str, device, context: int, gradient_che
         raise UsageError(f"prompt + response ({context} tokens) exceed the {limit} positions of {policy_path}: "
                          "lower --prompt-tokens or --max-new-tokens")
     if setup.lora:
+        from common.lora import wrap_policy
+
         if gradient_checkpointing:
             enable_gradient_checkpointing(policy, policy_path)
         policy = wrap_policy(policy, setup, policy_path)
@@ -290,10 +308,10 @@ def zero_gradients(trained, idle=()) -> None:
     Benchmark peaks, PPO, two runs each, fresh gradients against these: TL;DR 646 / 708 against 566 / 562 MiB,
     IMDB 582 / 608 against 563 / 545, at the same speed. The numbers do not change: 0 + g = g. Under FSDP the
     weights a sampling pass kept gathered are freed first, so the gradients go to the shards."""
-    from common.fsdp import reshard
-
-    for model in (*trained, *idle):
-        reshard(model)
+    fsdp = _fsdp()
+    if fsdp is not None:
+        for model in (*trained, *idle):
+            fsdp.reshard(model)
     for model in trained:
         for p in model.parameters():
             if p.requires_grad:
@@ -313,7 +331,9 @@ def make_critic(policy_path: str, tok, device, gradient_checkpointing: bool = Fa
     policy and `--critic adapter` (its default), an adapter `name` + head on the policy's own base instead."""
     from transformers import AutoModel
 
-    if isinstance(policy, LoraPolicy) and policy.setup.critic_kind == "adapter":
+    if is_lora(policy) and policy.setup.critic_kind == "adapter":
+        from common.lora import make_adapter_critic
+
         return make_adapter_critic(policy, name)
     backbone = AutoModel.from_pretrained(os.path.expanduser(policy_path))
     if backbone.get_input_embeddings().num_embeddings < len(tok):
@@ -394,13 +414,13 @@ def _generation_model(model):
     with its adapter on, a LoRA reference's base with every adapter off, a DDP-wrapped model's own module."""
     import contextlib
 
-    from common.lora import POLICY_ADAPTER, AdapterView, use_adapter
-
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
-    if isinstance(model, LoraPolicy):
-        return model.lm, use_adapter(model.lm, POLICY_ADAPTER)
-    if isinstance(model, AdapterView):
+    if is_lora(model) or is_lora(model, "AdapterView"):
+        from common.lora import POLICY_ADAPTER, use_adapter
+
+        if is_lora(model):
+            return model.lm, use_adapter(model.lm, POLICY_ADAPTER)
         return model.module, use_adapter(model.root, model.adapter)
     return model, contextlib.nullcontext()
 
@@ -414,7 +434,6 @@ def search(model, queries: list[list[int]], *, num_beams: int, max_new_tokens: i
     other decoding setting is given explicitly, so a model's own generation_config changes nothing. Prompts go
     in left-padded (an encoder-decoder model's encoder gets them left-aligned); each response ends at its EOS
     (included). Under FSDP every process takes part in every step (`synced_gpus`)."""
-    from common.fsdp import is_sharded
     from common.generation import _autocast, is_seq2seq, left_to_right_aligned
 
     lm, active = _generation_model(model)
@@ -686,7 +705,7 @@ def check_settings(args, world: int) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: this torch sees no CUDA device; use --device cpu (or auto)")
     setup = None
-    if hasattr(args, "lora_r"):  # LoRA and quantization (common.lora)
+    if hasattr(args, "lora_r"):  # LoRA and quantization (common.settings.ModelSetup)
         setup = ModelSetup.from_args(args)
         setup.check(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     guide = value("guide")
@@ -729,9 +748,11 @@ def check_models(args, setup: ModelSetup | None = None) -> None:
             check_model_kind(v, _flag(name), role, args.task)
     policy = getattr(args, "policy_model", None)
     if setup is not None and setup.lora and setup.lora_target_modules and not is_model_alias(policy):
+        from common.lora import check_targets
+
         skeleton = model_skeleton(policy, args.task)
         if skeleton is not None:
-            setup.check_targets(skeleton, policy or f"the embedded {args.task} policy")
+            check_targets(setup, skeleton, policy or f"the embedded {args.task} policy")
 
 
 _BEFORE_EVAL_SETTINGS = {"eval_decoding": lambda old: "sample",
@@ -1154,7 +1175,7 @@ def check_finite(stats: dict, where: str) -> None:
 def describe_params(policy) -> str:
     """The policy's size for a run's start line, followed there by "params": "5.3M" (full fine-tuning: every
     weight trains), "0.5M trainable of 135.0M" with LoRA (the adapter's weights of the base + adapter)."""
-    if not isinstance(policy, LoraPolicy):
+    if not is_lora(policy):
         return f"{sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M"
     trainable = sum(p.numel() for p in policy.parameters())
     base = sum(p.numel() for n, p in policy.lm.named_parameters() if "lora_" not in n)
@@ -1167,14 +1188,10 @@ def save_final(policy, critic, tok, run_dir: Path):
     named after them) and, with --merge-lora, the merged model in run_dir / 'policy-merged'. The critic's
     trained weights (all of a separate critic; adapter + head of a critic adapter) go to critic.pt. Written by
     rank 0; every process calls it: under FSDP it gathers the full weights."""
-    from common.fsdp import is_sharded
-
-    rank = _rank()
-    from common.fsdp import lora_state_dict
-
-    lora = isinstance(policy, LoraPolicy)
+    rank, fsdp = _rank(), _fsdp()
+    lora = is_lora(policy)
     policy_state = full_state_dict(policy, rank) if is_sharded(policy) and not lora else None
-    adapters = lora_state_dict(policy, rank) if lora else None
+    adapters = fsdp.lora_state_dict(policy, rank) if lora and fsdp is not None else None
     critic_state = full_state_dict(critic, rank)
     if rank != 0:
         return
@@ -1206,8 +1223,6 @@ def save_pretrained_unsharded(model, state: dict, path: Path) -> None:
 def save_interrupted(policy, critic, tok, run_dir: Path) -> bool:
     """On Ctrl-C or SIGTERM, rank 0: save the policy where the processes can do so alone (not under FSDP, whose
     gather needs every process while each stopped somewhere else). True where it was saved."""
-    from common.fsdp import is_sharded
-
     if is_sharded(policy):
         return False
     save_final(policy, critic, tok, run_dir)
@@ -1274,7 +1289,7 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
         raise UsageError(f"--guide must be model, rule, learner or a server URL (http://HOST:PORT/v1), not {kind!r}")
     gtok = load_tokenizer(guide_path)
     setup_chat(gtok, "off" if chat_template == "off" else "auto", encoder_decoder=is_encoder_decoder(guide_path))
-    if isinstance(policy, LoraPolicy) and guide_path == policy.path:
+    if is_lora(policy) and guide_path == policy.path:
         model = policy.reference()
     else:
         with torch.random.fork_rng(devices=[]):
@@ -1292,7 +1307,7 @@ def learner_guide(policy, *, top_p: float, top_k: int, temperature: float, min_n
 
     if policy is None:
         raise UsageError("--guide learner needs the learner (the script's policy)")
-    path = policy.path if isinstance(policy, LoraPolicy) else _base_model(policy).name_or_path
+    path = policy.path if is_lora(policy) else _base_model(policy).name_or_path
     gtok = load_tokenizer(path)
     setup_chat(gtok, "off" if chat_template == "off" else "auto", encoder_decoder=is_encoder_decoder(path))
     return HFGuide(policy, gtok, top_p=top_p, top_k=top_k, temperature=temperature, min_new_tokens=min_new_tokens,

@@ -333,13 +333,13 @@ def test_lora_targets_are_checked_on_the_loaded_model_too(tiny_model):
     """Where the model could not be read up front (a hub id not cached), the loaded model is checked before peft."""
     from transformers import AutoModelForCausalLM
 
-    from common.lora import ModelSetup, wrap_policy
+    from common.lora import ModelSetup, check_targets, wrap_policy
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model("commongen"))
     with pytest.raises(UsageError, match="--lora-target-modules nosuchmodule matches no module of x: choose among"):
         wrap_policy(model, ModelSetup(lora_r=4, lora_target_modules=("nosuchmodule",)), "x")
     for good in (("c_attn",), ("all-linear",), None):
-        ModelSetup(lora_r=4, lora_target_modules=good).check_targets(model, "x")
+        check_targets(ModelSetup(lora_r=4, lora_target_modules=good), model, "x")
 
 
 @needs_data
