@@ -25,8 +25,7 @@ from common.generation import (ValueModel, decode, forward_response, left_pad, p
                                set_bf16)
 from common.chat import setup_chat, template_length
 from common.settings import ModelSetup
-from common.models import (_no_dropout, embedded_models, is_encoder_decoder, load_causal_lm, load_tokenizer,
-                           resolve_model_alias)
+from common.models import _no_dropout, is_encoder_decoder, is_model_alias, load_causal_lm, load_tokenizer
 from common.tasks import TASKS, Task, encode_prompt
 
 
@@ -214,20 +213,32 @@ def resolve_models(task: Task, policy_model: str | None, guide_model: str | None
     cached folder (made once by rank 0); the task's embedded defaults (built once by rank 0, cached;
     `rebuild`: built again) for whatever is not given. A given policy without a guide is its own guide."""
     if rank == 0:  # aliases are made once, by rank 0
-        resolve_model_alias(policy_model, log, data_dir), resolve_model_alias(guide_model, log, data_dir)
+        resolve_alias(policy_model, log, data_dir), resolve_alias(guide_model, log, data_dir)
     if world > 1:
         dist.barrier()
-    policy_model = resolve_model_alias(policy_model, log, data_dir)
-    guide_model = resolve_model_alias(guide_model, log, data_dir)
+    policy_model = resolve_alias(policy_model, log, data_dir)
+    guide_model = resolve_alias(guide_model, log, data_dir)
     guide_model = guide_model or (policy_model if need_guide else None)
     if policy_model and (guide_model or not need_guide):
         return policy_model, guide_model
+    from common import embedded  # the task's embedded defaults, built once
+
     if rank == 0:
-        embedded_models(task, data_dir, log=log, rebuild=rebuild)
+        embedded.embedded_models(task, data_dir, log=log, rebuild=rebuild)
     if world > 1:
         dist.barrier()
-    em = embedded_models(task, data_dir, log=log)
+    em = embedded.embedded_models(task, data_dir, log=log)
     return policy_model or em.policy, (guide_model or em.guide) if need_guide else None
+
+
+def resolve_alias(name: str | None, log=print, data_dir: str | None = None) -> str | None:
+    """A model alias (`smollm2`, `smollm2-commongen-5shot`) -> its cached folder, made on first use
+    (common.embedded.resolve_model_alias); any other name unchanged."""
+    if not is_model_alias(name):
+        return name
+    from common.embedded import resolve_model_alias
+
+    return resolve_model_alias(name, log, data_dir)
 
 
 def model_setup(args, device) -> ModelSetup:
@@ -739,7 +750,7 @@ def check_models(args, setup: ModelSetup | None = None) -> None:
     and a model guide must be causal or seq2seq LMs, the reward model a sequence classifier of the task's kind;
     with LoRA, --lora-target-modules must name layers of the policy's model (read from its config on the meta
     device: the task's embedded default when no policy is given). Model aliases (smollm2) are checked once made."""
-    from common.models import check_model_kind, is_model_alias, model_skeleton
+    from common.models import check_model_kind, model_skeleton
 
     roles = {"policy_model": "lm", "guide_model": "lm", "reward_model": "reward"}
     for name, role in roles.items():

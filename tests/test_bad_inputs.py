@@ -19,6 +19,7 @@ import d2lols
 import lols
 import ppo
 import ppo_plus_plus
+from common import embedded as ce
 from common import models as cm
 from common import runtime as rt
 from common.errors import UsageError
@@ -59,7 +60,7 @@ def no_slow_work(monkeypatch):
 
     for name in ("resolve_models", "build_policy_ref_critic", "make_reward", "build_guide"):
         monkeypatch.setattr(rt, name, touched)
-    monkeypatch.setattr(cm, "embedded_models", touched)
+    monkeypatch.setattr(ce, "embedded_models", touched)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -417,16 +418,16 @@ def test_guide_cache_runs_with_a_server_guide_at_temperature_0(tiny_model, tmp_p
 _BUILDER = """
 import sys, time
 sys.path[:0] = [{repo!r}]
-from common import models as cm
+from common import embedded as ce
 from common.tasks import get_task
-cfg = cm.EmbeddedConfig(vocab_size=300, n_layer=2, n_embd=64, n_head=2, n_positions=64, prompt_tokens=24, seq_len=40,
+cfg = ce.EmbeddedConfig(vocab_size=300, n_layer=2, n_embd=64, n_head=2, n_positions=64, prompt_tokens=24, seq_len=40,
                         sft_steps=6, batch_size=16, length_buckets=2, warmup_steps=2, max_train_texts=300, val_texts=16)
-real = cm.sft
+real = ce.sft
 def slow(*a, **k):
     time.sleep(float(sys.argv[1]))
     return real(*a, **k)
-cm.sft = slow
-em = cm.embedded_models(get_task("commongen"), sys.argv[2], cfg, log=lambda m: print(m, flush=True), progress=False)
+ce.sft = slow
+em = ce.embedded_models(get_task("commongen"), sys.argv[2], cfg, log=lambda m: print(m, flush=True), progress=False)
 print("RESULT", em.policy, flush=True)
 """
 
@@ -462,6 +463,6 @@ def test_a_build_lock_dies_with_its_process(tmp_path):
     said = []
     holder.kill()
     holder.wait()
-    with cm.build_lock(lock, said.append, "it") as waited:
+    with ce.build_lock(lock, said.append, "it") as waited:
         assert not waited and not said
     assert not lock.exists()  # removed by the holder that let it go
