@@ -688,8 +688,6 @@ def check_settings(args, world: int) -> None:
     """Every setting the scripts share, checked at once (no model, data or run folder touched yet): counts of at
     least 1, non-negative seeds and coefficients, probabilities in [0, 1], the device, the guide for the task,
     model paths and the batch hierarchy. A script's own settings are checked by its check_args."""
-    from common.guides import RULE_GUIDES
-
     def value(name):
         return getattr(args, name, None)
 
@@ -721,7 +719,7 @@ def check_settings(args, world: int) -> None:
         setup.check(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     guide = value("guide")
     if guide is not None:
-        from common.guides import is_server_url
+        from common.guides import RULE_GUIDES, is_server_url
 
         if guide not in ("model", "rule", "learner") and not is_server_url(guide):
             raise UsageError(f"--guide must be model, rule, learner or a server URL (http://HOST:PORT/v1), not "
@@ -739,6 +737,8 @@ def check_settings(args, world: int) -> None:
             raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {args.task}: use --guide model")
         if guide == "rule" and value("guide_model"):
             raise UsageError("--guide-model is not used with --guide rule: drop one of them")
+        if not is_server_url(guide):
+            refuse_server_flags(guide, lambda name: value("guide_" + name))
     if args.task == "commongen" and args.reward_model:
         raise UsageError("--reward-model is not used by commongen (its reward is CIDEr-D + SPICE)")
     check_batch_sizes(args.rollouts_per_iteration, args.minibatch_size, args.micro_batch_size, world)
@@ -1267,7 +1267,7 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
                 chat_template: str = "off"):
     """The frozen black-box guide: `model` (an HF causal or encoder-decoder LM, default the task's embedded
     guide), `rule` (our rule-based guide for CommonGen and TL;DR) or the URL of an OpenAI-compatible server
-    (`http://HOST:PORT/v1`), reached as `server` (a `common.guides.ServerOptions`) says. A model guide that is a
+    (`http://HOST:PORT/v1`), reached as `server` (a `common.server_guide.ServerOptions`) says. A model guide that is a
     LoRA policy's own start model (same path) is that policy's base with the adapters off, not a second copy; any
     other model guide is loaded (4/8-bit with the policy, `setup`). Loading leaves the random streams alone. A
     model guide keeps its own chat template, applied to its own prompt, whenever its tokenizer has one and
@@ -1277,18 +1277,17 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
     sampled with the guide's settings (top-p 0.92 ...), so its samples follow the learner's weights as they train;
     its tokenizer and chat template are those a model guide of the learner's start model would have. Offered to
     reproduce the paper's published setting next to the frozen guide."""
-    from common.guides import RULE_GUIDES, CallableGuide, HFGuide, ServerOptions, build_server_guide, is_server_url
+    from common.guides import RULE_GUIDES, CallableGuide, HFGuide, is_server_url
 
-    server = server or ServerOptions()
     if is_server_url(kind):
+        from common.server_guide import ServerOptions, build_server_guide
+
         if guide_path:
             raise UsageError(f"--guide-model {guide_path} is a model loaded in this process; the server's model is "
                              "named with --guide-model-name")
-        return build_server_guide(kind, server, top_p=top_p, top_k=top_k, temperature=temperature)
-    for flag, value in (("--guide-model-name", server.model_name), ("--guide-chat", server.chat),
-                        ("--guide-cache", server.cache), ("--guide-extra-body", server.extra_body)):
-        if value:
-            raise UsageError(f"{flag} is for a server guide (--guide http://HOST:PORT/v1), not --guide {kind}")
+        return build_server_guide(kind, server or ServerOptions(), top_p=top_p, top_k=top_k, temperature=temperature)
+    if server is not None:
+        refuse_server_flags(kind, lambda name: getattr(server, name))
     if kind == "rule":
         if task.name not in RULE_GUIDES:
             raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {task.name}: use --guide model")
@@ -1308,6 +1307,31 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
                                    quantization=setup.quantization_config() if setup else None)
     return HFGuide(model, gtok, top_p=top_p, top_k=top_k, temperature=temperature,
                    min_new_tokens=min_new_tokens, device=device, name=guide_path)
+
+
+def server_options(args):
+    """The server guide's connection settings (`common.server_guide.ServerOptions`, from the `--guide-*` flags) for
+    `--guide http://HOST:PORT/v1`; None for any other guide, which never imports common/server_guide.py."""
+    from common.guides import is_server_url
+
+    if not is_server_url(args.guide):
+        return None
+    from common.server_guide import ServerOptions
+
+    return ServerOptions.from_args(args)
+
+
+SERVER_FLAGS = ("model_name", "chat", "cache", "extra_body")
+"""the `--guide-*` flags only a server guide reads (fields of ServerOptions)"""
+
+
+def refuse_server_flags(kind: str, value) -> None:
+    """One line where a flag only a server guide reads (`value(name)` for each of SERVER_FLAGS) is given with
+    `--guide kind`, which is not a server."""
+    for name in SERVER_FLAGS:
+        if value(name):
+            raise UsageError(f"--guide-{name.replace('_', '-')} is for a server guide (--guide http://HOST:PORT/v1), "
+                             f"not --guide {kind}")
 
 
 def learner_guide(policy, *, top_p: float, top_k: int, temperature: float, min_new_tokens: int, device,

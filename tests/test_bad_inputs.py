@@ -392,7 +392,7 @@ def test_a_model_guide_at_temperature_0_is_refused_in_one_line(tmp_path, capsys,
 
 @needs_data
 def test_guide_cache_runs_with_a_server_guide_at_temperature_0(tiny_model, tmp_path, monkeypatch):
-    from common.guides import HTTPGuide
+    from common.server_guide import HTTPGuide
     from test_server_guide import FIXED, Server
 
     sent = []
