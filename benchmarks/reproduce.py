@@ -289,7 +289,7 @@ def guide_alone(args: Args, task_name: str, kind: str, n: int | None = None) -> 
     task = get_task(task_name)
     pre, policy_path, guide_path, data_dir = _setting(args, task_name)
     if kind == "fewshot":
-        from common.models import resolve_model_alias
+        from common.embedded import resolve_model_alias
 
         guide_path = resolve_model_alias(few_shot_name(args, task_name), data_dir=data_dir)
     elif kind == "learner":  # the moving guide alone: before any training it is the learner's start model
@@ -737,14 +737,14 @@ def main(args: Args):
         return
     if not args.report_only:
         if args.policy_model:  # a model alias is made once, before runs race to make it
-            from common.models import resolve_model_alias
+            from common.embedded import resolve_model_alias
 
             resolve_model_alias(args.policy_model)
             if "fewshot" in args.guides:
                 for task in args.tasks:
                     resolve_model_alias(few_shot_name(args, task))
         elif args.workers > 1:  # build each task's embedded models once, before runs race to build them
-            from common.models import embedded_models
+            from common.embedded import embedded_models
             from common.tasks import get_task, resolve_data_dir
 
             for task in args.tasks:

@@ -116,7 +116,8 @@ def measure_one(task_name: str, algo: str, iterations: int, device_name: str, fl
     import common.guides as guides_mod
     from common import runtime as rt
     from common.generation import decode, forward_response, used_columns
-    from common.models import embedded_models, load_causal_lm, load_tokenizer
+    from common.embedded import embedded_models
+    from common.models import load_causal_lm, load_tokenizer
     from common.presets import EMBEDDED
     from common.tasks import get_task
 

@@ -1,2 +1,23 @@
-"""Shared pieces of the RLGF scripts: tasks and data, embedded models, rewards and metrics, guides and
-generation helpers. The algorithm logic lives in the top-level scripts."""
+"""Shared pieces of the RLGF scripts: tasks and data, loading models, rewards and metrics, guides, generation,
+the settings and the run harness. The algorithm logic lives in the top-level scripts.
+
+In layers: CORE is what every script imports, and all that a copy of ppo.py into another project needs (with
+GUIDED for the four guided scripts); each of EXTRAS is imported only when its flag asks for it.
+tests/test_copy_script.py runs ppo.py copied with CORE alone, and checks that a run imports no extra.
+"""
+
+CORE = ("__init__.py", "errors.py", "settings.py", "harness.py", "runtime.py", "tasks.py", "presets.py",
+        "generation.py", "chat.py", "rewards.py", "metrics.py", "models.py")
+"""every script: settings and harness, run plumbing, tasks and data, loading a given model, generation and the
+training forward, the prompt format (chat.py: a tokenizer's special tokens, every run), rewards, metrics"""
+GUIDED = ("guides.py",)
+"""the guided scripts (ppo_plus_plus, aggrevated, lols, d2lols): the guide interface, model and rule guides"""
+EXTRAS = {
+    "embedded.py": "no --policy-model or --guide-model where one is needed (the task's embedded models), or a "
+                   "model alias (--policy-model smollm2); python -m common.embedded",
+    "lora.py": "--lora-r > 0 (with it --load-in-4bit / --load-in-8bit, --critic adapter), or a PEFT adapter as "
+               "--reward-model",
+    "fsdp.py": "--fsdp",
+    "server_guide.py": "--guide http://HOST:PORT/v1",
+}
+"""module -> the flags that import it"""

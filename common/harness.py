@@ -65,12 +65,10 @@ class Run:
                                                 policy=self.policy, name=name)
         self.guide = None
         if guide:  # after the policy: a LoRA policy's start model as guide is its base with the adapter off
-            from common.guides import ServerOptions
-
             self.guide = rt.build_guide(
                 args.guide, task, guide_path, None, self.device, top_p=args.guide_top_p, top_k=args.guide_top_k,
                 temperature=args.guide_temperature, min_new_tokens=args.min_new_tokens, policy=self.policy,
-                setup=setup, server=ServerOptions.from_args(args), chat_template=args.chat_template)
+                setup=setup, server=rt.server_options(args), chat_template=args.chat_template)
         self.args = args = dataclasses.replace(args, chat_template="on" if self.tok.chat_format else "off")
         self.reward_fn = rt.make_reward(task, args.reward_model, self.train, self.device, self.info, setup=setup)
         trained = [self.policy, *self.critics.values()]
@@ -161,13 +159,13 @@ class Run:
     def log(self, it: int, metrics: dict, samples: tuple | None = None):
         """The iteration's metrics (docs/metrics.md) with its timings, to TensorBoard and metrics.jsonl; `samples`
         (tag, header, rows) becomes a sample table at evaluation iterations."""
-        from common.guides import guide_metrics
-
         dt = time.time() - self.t_iter
         n_tokens = metrics["train/response_length"] * self.args.rollouts_per_iteration
         metrics = {**metrics, **{f"time/{k}": v for k, v in self.times.items()}, "time/iteration": dt,
                    "time/tokens_per_second": n_tokens / dt}
         if self.guide is not None:
+            from common.guides import guide_metrics
+
             metrics.update(guide_metrics(self.guide))  # a server guide: requests, retries, tokens
         self.logger.scalars(metrics, it)
         if samples and (it % self.args.eval_interval == 0 or it == self.args.iterations):

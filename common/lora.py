@@ -21,117 +21,53 @@ optimiser, the gradient clip and the checkpoints hold nothing else.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import warnings
-from dataclasses import dataclass
 
 import torch
 
 from common.errors import UsageError
 from common.generation import ValueModel, _cache_kwarg
+from common.settings import ModelSetup  # the plain settings (common/settings.py); imported from here too
 
 POLICY_ADAPTER = "default"
 
 
-@dataclass
-class ModelSetup:
-    """The `# model setup` fields of a script's Args."""
+def check_targets(setup: ModelSetup, model, name: str) -> None:
+    """Each of --lora-target-modules must name layers of `model` (a module whose name is it or ends in
+    `.` + it, peft's rule) that LoRA can adapt (linear, embedding or convolution layers); `model` may be a
+    skeleton on the meta device. One line listing the names that would do otherwise."""
+    targets = setup.lora_target_modules
+    if not setup.lora or not targets or tuple(targets) == ("all-linear",):
+        return
+    leaves = {n: m for n, m in model.named_modules() if isinstance(m, _adaptable_types())}
+    for target in targets:
+        named = [n for n, _ in model.named_modules() if n == target or n.endswith("." + target)]
+        if not any(n in leaves for n in named):
+            names = sorted({n.rsplit(".", 1)[-1] for n in leaves if n})
+            what = "matches no module" if not named else "matches no linear, embedding or convolution layer"
+            raise UsageError(f"--lora-target-modules {target} {what} of {name}: choose among "
+                             f"{', '.join(names[:24])}{' ...' if len(names) > 24 else ''}, or all-linear")
 
-    lora_r: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_target_modules: tuple[str, ...] | None = None
-    critic: str | None = None
-    merge_lora: bool = False
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
 
-    @classmethod
-    def from_args(cls, args) -> "ModelSetup":
-        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)})
+def lora_config(setup: ModelSetup, model):
+    """peft's LoraConfig of `setup` for `model` (default targets: peft's for the architecture)."""
+    from peft import LoraConfig, TaskType
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
-    @property
-    def lora(self) -> bool:
-        return self.lora_r > 0
+    targets = setup.lora_target_modules
+    if not targets:
+        targets = DEFAULTS.get(model.config.model_type) or "all-linear"
+    elif len(targets) == 1 and targets[0] == "all-linear":
+        targets = "all-linear"
+    else:
+        targets = list(targets)
+    from transformers.pytorch_utils import Conv1D
 
-    @property
-    def critic_kind(self) -> str:
-        """adapter or separate: LoRA runs default to a critic adapter, full fine-tuning has a separate critic."""
-        return self.critic or ("adapter" if self.lora else "separate")
-
-    @property
-    def quantized(self) -> bool:
-        return self.load_in_4bit or self.load_in_8bit
-
-    def check(self, device) -> None:
-        """Bad combinations, in one line each, before anything is loaded."""
-        if self.lora_r < 0:
-            raise UsageError(f"--lora-r must be 0 (off) or positive, not {self.lora_r}")
-        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise UsageError(f"--lora-alpha must be a number above 0 (the adapter's scale is alpha / r), not "
-                             f"{self.lora_alpha}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise UsageError(f"--lora-dropout must be in [0, 1), not {self.lora_dropout}")
-        if self.critic not in (None, "adapter", "separate"):
-            raise UsageError(f"--critic must be adapter or separate, not {self.critic!r}")
-        if not self.lora:
-            for flag, on in (("--critic adapter", self.critic == "adapter"), ("--merge-lora", self.merge_lora),
-                             ("--load-in-4bit", self.load_in_4bit), ("--load-in-8bit", self.load_in_8bit)):
-                if on:
-                    raise UsageError(f"{flag} needs LoRA: add --lora-r 8 (or another rank > 0)")
-        if self.load_in_4bit and self.load_in_8bit:
-            raise UsageError("--load-in-4bit and --load-in-8bit exclude each other: pick one")
-        if self.quantized and torch.device(device).type != "cuda":
-            flag = "--load-in-4bit" if self.load_in_4bit else "--load-in-8bit"
-            why = "no CUDA GPU is available" if not torch.cuda.is_available() else f"the device is {device}"
-            raise UsageError(f"{flag} needs a CUDA GPU (bitsandbytes' quantized kernels) and {why}: "
-                             f"drop {flag} (LoRA alone runs on the CPU)")
-
-    def check_targets(self, model, name: str) -> None:
-        """Each of --lora-target-modules must name layers of `model` (a module whose name is it or ends in
-        `.` + it, peft's rule) that LoRA can adapt (linear, embedding or convolution layers); `model` may be a
-        skeleton on the meta device. One line listing the names that would do otherwise."""
-        targets = self.lora_target_modules
-        if not self.lora or not targets or tuple(targets) == ("all-linear",):
-            return
-        leaves = {n: m for n, m in model.named_modules() if isinstance(m, _adaptable_types())}
-        for target in targets:
-            named = [n for n, _ in model.named_modules() if n == target or n.endswith("." + target)]
-            if not any(n in leaves for n in named):
-                names = sorted({n.rsplit(".", 1)[-1] for n in leaves if n})
-                what = "matches no module" if not named else "matches no linear, embedding or convolution layer"
-                raise UsageError(f"--lora-target-modules {target} {what} of {name}: choose among "
-                                 f"{', '.join(names[:24])}{' ...' if len(names) > 24 else ''}, or all-linear")
-
-    def quantization_config(self):
-        """QLoRA's settings: nf4 with double quantization and bf16 compute, or LLM.int8(); None when off."""
-        if not self.quantized:
-            return None
-        from transformers import BitsAndBytesConfig
-
-        if self.load_in_4bit:
-            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16)
-        return BitsAndBytesConfig(load_in_8bit=True)
-
-    def lora_config(self, model):
-        from peft import LoraConfig, TaskType
-        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
-
-        targets = self.lora_target_modules
-        if not targets:
-            targets = DEFAULTS.get(model.config.model_type) or "all-linear"
-        elif len(targets) == 1 and targets[0] == "all-linear":
-            targets = "all-linear"
-        else:
-            targets = list(targets)
-        from transformers.pytorch_utils import Conv1D
-
-        conv1d = any(isinstance(m, Conv1D) for m in model.modules())  # GPT-2's layers store weights transposed
-        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=targets, bias="none", fan_in_fan_out=conv1d,
-                          task_type=TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM)
+    conv1d = any(isinstance(m, Conv1D) for m in model.modules())  # GPT-2's layers store weights transposed
+    return LoraConfig(r=setup.lora_r, lora_alpha=setup.lora_alpha, lora_dropout=setup.lora_dropout,
+                      target_modules=targets, bias="none", fan_in_fan_out=conv1d,
+                      task_type=TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM)
 
 
 def _adaptable_types() -> tuple:
@@ -283,7 +219,7 @@ class LoraPolicy(torch.nn.Module):
         """A further trainable adapter (a critic's) on the same base, with the policy's LoRA settings; returns
         its parameters. The policy's adapter stays the one on outside the views' forwards."""
         with quiet_peft():
-            self.peft.add_adapter(name, self.setup.lora_config(self.lm))
+            self.peft.add_adapter(name, lora_config(self.setup, self.lm))
         _freeze_base(self.lm)
         for m in _tuner_layers(self.lm):
             m._active_adapter = [POLICY_ADAPTER]
@@ -321,11 +257,11 @@ def wrap_policy(model, setup: ModelSetup, path: str) -> LoraPolicy:
     """peft's LoRA on a loaded causal LM (prepared for k-bit training first when it was loaded quantized)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    setup.check_targets(model, path)  # before peft, which would end in a traceback
+    check_targets(setup, model, path)  # before peft, which would end in a traceback
     with quiet_peft():
         if setup.quantized:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        peft_model = get_peft_model(model, setup.lora_config(model), adapter_name=POLICY_ADAPTER)
+        peft_model = get_peft_model(model, lora_config(setup, model), adapter_name=POLICY_ADAPTER)
     _freeze_base(peft_model.get_base_model())
     return LoraPolicy(peft_model, setup, path)
 

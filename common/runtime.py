@@ -21,12 +21,11 @@ import torch
 import torch.distributed as dist
 
 from common.errors import RunFailed, UsageError, exit_code
-from common.lora import LoraPolicy, ModelSetup, make_adapter_critic, wrap_policy
 from common.generation import (ValueModel, decode, forward_response, left_pad, position_limit, right_pad, sample,
                                set_bf16)
 from common.chat import setup_chat, template_length
-from common.models import (_no_dropout, embedded_models, is_encoder_decoder, load_causal_lm, load_tokenizer,
-                           resolve_model_alias)
+from common.settings import ModelSetup
+from common.models import _no_dropout, is_encoder_decoder, is_model_alias, load_causal_lm, load_tokenizer
 from common.tasks import TASKS, Task, encode_prompt
 
 
@@ -39,6 +38,13 @@ def quiet_libraries():
         transformers.utils.logging.disable_progress_bar()
     except AttributeError:
         pass
+
+
+def is_lora(model, kind: str = "LoraPolicy") -> bool:
+    """`isinstance(model, common.lora.<kind>)` without importing common.lora (peft): no model is one of its kinds
+    unless something imported it (--lora-r, `build_policy_ref_critic`)."""
+    lora = sys.modules.get("common.lora")
+    return lora is not None and isinstance(model, getattr(lora, kind))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -122,7 +128,7 @@ def wrap_for_training(models: list, optimizer, world: int, fsdp: bool = False) -
         if any(type(p).__name__ in ("Params4bit", "Int8Params") for m in models for p in m.parameters()):
             raise UsageError("--fsdp does not shard 4-bit / 8-bit (bitsandbytes) weights: drop --fsdp (one GPU, or "
                              "DDP with one model copy per GPU) or load the model unquantised")
-        if isinstance(models[0], LoraPolicy):
+        if is_lora(models[0]):
             from common.fsdp import shard_lora
 
             shard_lora(models, optimizer, _RUN["device"], world)
@@ -136,18 +142,27 @@ def wrap_for_training(models: list, optimizer, world: int, fsdp: bool = False) -
     return list(models)
 
 
+def _fsdp():
+    """common.fsdp once something imported it (--fsdp: `setup_device`, `wrap_for_training`), else None: then
+    nothing is sharded and each FSDP step here is its plain PyTorch one."""
+    return sys.modules.get("common.fsdp")
+
+
+def is_sharded(model) -> bool:
+    fsdp = _fsdp()
+    return fsdp is not None and fsdp.is_sharded(model)
+
+
 def full_state_dict(model, rank: int) -> dict:
     """`model.state_dict()`, gathered in full on rank 0 under FSDP (every process must call it then)."""
-    from common.fsdp import full_state_dict as gather
-
-    return gather(model, rank)
+    fsdp = _fsdp()
+    return fsdp.full_state_dict(model, rank) if fsdp is not None else model.state_dict()
 
 
 def full_optimizer_state(optimizer, rank: int) -> dict:
     """`optimizer.state_dict()`, gathered in full on rank 0 under FSDP (every process must call it then)."""
-    from common.fsdp import full_optimizer_state as gather
-
-    return gather(optimizer, rank)
+    fsdp = _fsdp()
+    return fsdp.full_optimizer_state(optimizer, rank) if fsdp is not None else optimizer.state_dict()
 
 
 def seed_everything(seed: int):
@@ -198,20 +213,32 @@ def resolve_models(task: Task, policy_model: str | None, guide_model: str | None
     cached folder (made once by rank 0); the task's embedded defaults (built once by rank 0, cached;
     `rebuild`: built again) for whatever is not given. A given policy without a guide is its own guide."""
     if rank == 0:  # aliases are made once, by rank 0
-        resolve_model_alias(policy_model, log, data_dir), resolve_model_alias(guide_model, log, data_dir)
+        resolve_alias(policy_model, log, data_dir), resolve_alias(guide_model, log, data_dir)
     if world > 1:
         dist.barrier()
-    policy_model = resolve_model_alias(policy_model, log, data_dir)
-    guide_model = resolve_model_alias(guide_model, log, data_dir)
+    policy_model = resolve_alias(policy_model, log, data_dir)
+    guide_model = resolve_alias(guide_model, log, data_dir)
     guide_model = guide_model or (policy_model if need_guide else None)
     if policy_model and (guide_model or not need_guide):
         return policy_model, guide_model
+    from common import embedded  # the task's embedded defaults, built once
+
     if rank == 0:
-        embedded_models(task, data_dir, log=log, rebuild=rebuild)
+        embedded.embedded_models(task, data_dir, log=log, rebuild=rebuild)
     if world > 1:
         dist.barrier()
-    em = embedded_models(task, data_dir, log=log)
+    em = embedded.embedded_models(task, data_dir, log=log)
     return policy_model or em.policy, (guide_model or em.guide) if need_guide else None
+
+
+def resolve_alias(name: str | None, log=print, data_dir: str | None = None) -> str | None:
+    """A model alias (`smollm2`, `smollm2-commongen-5shot`) -> its cached folder, made on first use
+    (common.embedded.resolve_model_alias); any other name unchanged."""
+    if not is_model_alias(name):
+        return name
+    from common.embedded import resolve_model_alias
+
+    return resolve_model_alias(name, log, data_dir)
 
 
 def model_setup(args, device) -> ModelSetup:
@@ -245,6 +272,8 @@ def build_policy_ref_critic(policy_path: str, device, context: int, gradient_che
         raise UsageError(f"prompt + response ({context} tokens) exceed the {limit} positions of {policy_path}: "
                          "lower --prompt-tokens or --max-new-tokens")
     if setup.lora:
+        from common.lora import wrap_policy
+
         if gradient_checkpointing:
             enable_gradient_checkpointing(policy, policy_path)
         policy = wrap_policy(policy, setup, policy_path)
@@ -290,10 +319,10 @@ def zero_gradients(trained, idle=()) -> None:
     Benchmark peaks, PPO, two runs each, fresh gradients against these: TL;DR 646 / 708 against 566 / 562 MiB,
     IMDB 582 / 608 against 563 / 545, at the same speed. The numbers do not change: 0 + g = g. Under FSDP the
     weights a sampling pass kept gathered are freed first, so the gradients go to the shards."""
-    from common.fsdp import reshard
-
-    for model in (*trained, *idle):
-        reshard(model)
+    fsdp = _fsdp()
+    if fsdp is not None:
+        for model in (*trained, *idle):
+            fsdp.reshard(model)
     for model in trained:
         for p in model.parameters():
             if p.requires_grad:
@@ -313,7 +342,9 @@ def make_critic(policy_path: str, tok, device, gradient_checkpointing: bool = Fa
     policy and `--critic adapter` (its default), an adapter `name` + head on the policy's own base instead."""
     from transformers import AutoModel
 
-    if isinstance(policy, LoraPolicy) and policy.setup.critic_kind == "adapter":
+    if is_lora(policy) and policy.setup.critic_kind == "adapter":
+        from common.lora import make_adapter_critic
+
         return make_adapter_critic(policy, name)
     backbone = AutoModel.from_pretrained(os.path.expanduser(policy_path))
     if backbone.get_input_embeddings().num_embeddings < len(tok):
@@ -394,13 +425,13 @@ def _generation_model(model):
     with its adapter on, a LoRA reference's base with every adapter off, a DDP-wrapped model's own module."""
     import contextlib
 
-    from common.lora import POLICY_ADAPTER, AdapterView, use_adapter
-
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
-    if isinstance(model, LoraPolicy):
-        return model.lm, use_adapter(model.lm, POLICY_ADAPTER)
-    if isinstance(model, AdapterView):
+    if is_lora(model) or is_lora(model, "AdapterView"):
+        from common.lora import POLICY_ADAPTER, use_adapter
+
+        if is_lora(model):
+            return model.lm, use_adapter(model.lm, POLICY_ADAPTER)
         return model.module, use_adapter(model.root, model.adapter)
     return model, contextlib.nullcontext()
 
@@ -414,7 +445,6 @@ def search(model, queries: list[list[int]], *, num_beams: int, max_new_tokens: i
     other decoding setting is given explicitly, so a model's own generation_config changes nothing. Prompts go
     in left-padded (an encoder-decoder model's encoder gets them left-aligned); each response ends at its EOS
     (included). Under FSDP every process takes part in every step (`synced_gpus`)."""
-    from common.fsdp import is_sharded
     from common.generation import _autocast, is_seq2seq, left_to_right_aligned
 
     lm, active = _generation_model(model)
@@ -686,12 +716,12 @@ def check_settings(args, world: int) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: this torch sees no CUDA device; use --device cpu (or auto)")
     setup = None
-    if hasattr(args, "lora_r"):  # LoRA and quantization (common.lora)
+    if hasattr(args, "lora_r"):  # LoRA and quantization (common.settings.ModelSetup)
         setup = ModelSetup.from_args(args)
         setup.check(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     guide = value("guide")
     if guide is not None:
-        from common.guides import is_server_url
+        from common.guides import RULE_GUIDES, is_server_url
 
         if guide not in ("model", "rule", "learner") and not is_server_url(guide):
             raise UsageError(f"--guide must be model, rule, learner or a server URL (http://HOST:PORT/v1), not "
@@ -709,6 +739,8 @@ def check_settings(args, world: int) -> None:
             raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {args.task}: use --guide model")
         if guide == "rule" and value("guide_model"):
             raise UsageError("--guide-model is not used with --guide rule: drop one of them")
+        if not is_server_url(guide):
+            refuse_server_flags(guide, lambda name: value("guide_" + name))
     if args.task == "commongen" and args.reward_model:
         raise UsageError("--reward-model is not used by commongen (its reward is CIDEr-D + SPICE)")
     check_batch_sizes(args.rollouts_per_iteration, args.minibatch_size, args.micro_batch_size, world)
@@ -720,7 +752,7 @@ def check_models(args, setup: ModelSetup | None = None) -> None:
     and a model guide must be causal or seq2seq LMs, the reward model a sequence classifier of the task's kind;
     with LoRA, --lora-target-modules must name layers of the policy's model (read from its config on the meta
     device: the task's embedded default when no policy is given). Model aliases (smollm2) are checked once made."""
-    from common.models import check_model_kind, is_model_alias, model_skeleton
+    from common.models import check_model_kind, model_skeleton
 
     roles = {"policy_model": "lm", "guide_model": "lm", "reward_model": "reward"}
     for name, role in roles.items():
@@ -729,9 +761,11 @@ def check_models(args, setup: ModelSetup | None = None) -> None:
             check_model_kind(v, _flag(name), role, args.task)
     policy = getattr(args, "policy_model", None)
     if setup is not None and setup.lora and setup.lora_target_modules and not is_model_alias(policy):
+        from common.lora import check_targets
+
         skeleton = model_skeleton(policy, args.task)
         if skeleton is not None:
-            setup.check_targets(skeleton, policy or f"the embedded {args.task} policy")
+            check_targets(setup, skeleton, policy or f"the embedded {args.task} policy")
 
 
 _BEFORE_EVAL_SETTINGS = {"eval_decoding": lambda old: "sample",
@@ -1156,7 +1190,7 @@ def check_finite(stats: dict, where: str) -> None:
 def describe_params(policy) -> str:
     """The policy's size for a run's start line, followed there by "params": "5.3M" (full fine-tuning: every
     weight trains), "0.5M trainable of 135.0M" with LoRA (the adapter's weights of the base + adapter)."""
-    if not isinstance(policy, LoraPolicy):
+    if not is_lora(policy):
         return f"{sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M"
     trainable = sum(p.numel() for p in policy.parameters())
     base = sum(p.numel() for n, p in policy.lm.named_parameters() if "lora_" not in n)
@@ -1169,14 +1203,10 @@ def save_final(policy, critic, tok, run_dir: Path):
     named after them) and, with --merge-lora, the merged model in run_dir / 'policy-merged'. The critic's
     trained weights (all of a separate critic; adapter + head of a critic adapter) go to critic.pt. Written by
     rank 0; every process calls it: under FSDP it gathers the full weights."""
-    from common.fsdp import is_sharded
-
-    rank = _rank()
-    from common.fsdp import lora_state_dict
-
-    lora = isinstance(policy, LoraPolicy)
+    rank, fsdp = _rank(), _fsdp()
+    lora = is_lora(policy)
     policy_state = full_state_dict(policy, rank) if is_sharded(policy) and not lora else None
-    adapters = lora_state_dict(policy, rank) if lora else None
+    adapters = fsdp.lora_state_dict(policy, rank) if lora and fsdp is not None else None
     critic_state = full_state_dict(critic, rank)
     if rank != 0:
         return
@@ -1208,8 +1238,6 @@ def save_pretrained_unsharded(model, state: dict, path: Path) -> None:
 def save_interrupted(policy, critic, tok, run_dir: Path) -> bool:
     """On Ctrl-C or SIGTERM, rank 0: save the policy where the processes can do so alone (not under FSDP, whose
     gather needs every process while each stopped somewhere else). True where it was saved."""
-    from common.fsdp import is_sharded
-
     if is_sharded(policy):
         return False
     save_final(policy, critic, tok, run_dir)
@@ -1243,7 +1271,7 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
                 chat_template: str = "off"):
     """The frozen black-box guide: `model` (an HF causal or encoder-decoder LM, default the task's embedded
     guide), `rule` (our rule-based guide for CommonGen and TL;DR) or the URL of an OpenAI-compatible server
-    (`http://HOST:PORT/v1`), reached as `server` (a `common.guides.ServerOptions`) says. A model guide that is a
+    (`http://HOST:PORT/v1`), reached as `server` (a `common.server_guide.ServerOptions`) says. A model guide that is a
     LoRA policy's own start model (same path) is that policy's base with the adapters off, not a second copy; any
     other model guide is loaded (4/8-bit with the policy, `setup`). Loading leaves the random streams alone. A
     model guide keeps its own chat template, applied to its own prompt, whenever its tokenizer has one and
@@ -1253,18 +1281,17 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
     sampled with the guide's settings (top-p 0.92 ...), so its samples follow the learner's weights as they train;
     its tokenizer and chat template are those a model guide of the learner's start model would have. Offered to
     reproduce the paper's published setting next to the frozen guide."""
-    from common.guides import RULE_GUIDES, CallableGuide, HFGuide, ServerOptions, build_server_guide, is_server_url
+    from common.guides import RULE_GUIDES, CallableGuide, HFGuide, is_server_url
 
-    server = server or ServerOptions()
     if is_server_url(kind):
+        from common.server_guide import ServerOptions, build_server_guide
+
         if guide_path:
             raise UsageError(f"--guide-model {guide_path} is a model loaded in this process; the server's model is "
                              "named with --guide-model-name")
-        return build_server_guide(kind, server, top_p=top_p, top_k=top_k, temperature=temperature)
-    for flag, value in (("--guide-model-name", server.model_name), ("--guide-chat", server.chat),
-                        ("--guide-cache", server.cache), ("--guide-extra-body", server.extra_body)):
-        if value:
-            raise UsageError(f"{flag} is for a server guide (--guide http://HOST:PORT/v1), not --guide {kind}")
+        return build_server_guide(kind, server or ServerOptions(), top_p=top_p, top_k=top_k, temperature=temperature)
+    if server is not None:
+        refuse_server_flags(kind, lambda name: getattr(server, name))
     if kind == "rule":
         if task.name not in RULE_GUIDES:
             raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {task.name}: use --guide model")
@@ -1276,7 +1303,7 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
         raise UsageError(f"--guide must be model, rule, learner or a server URL (http://HOST:PORT/v1), not {kind!r}")
     gtok = load_tokenizer(guide_path)
     setup_chat(gtok, "off" if chat_template == "off" else "auto", encoder_decoder=is_encoder_decoder(guide_path))
-    if isinstance(policy, LoraPolicy) and guide_path == policy.path:
+    if is_lora(policy) and guide_path == policy.path:
         model = policy.reference()
     else:
         with torch.random.fork_rng(devices=[]):
@@ -1284,6 +1311,31 @@ def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, devi
                                    quantization=setup.quantization_config() if setup else None)
     return HFGuide(model, gtok, top_p=top_p, top_k=top_k, temperature=temperature,
                    min_new_tokens=min_new_tokens, device=device, name=guide_path)
+
+
+def server_options(args):
+    """The server guide's connection settings (`common.server_guide.ServerOptions`, from the `--guide-*` flags) for
+    `--guide http://HOST:PORT/v1`; None for any other guide, which never imports common/server_guide.py."""
+    from common.guides import is_server_url
+
+    if not is_server_url(args.guide):
+        return None
+    from common.server_guide import ServerOptions
+
+    return ServerOptions.from_args(args)
+
+
+SERVER_FLAGS = ("model_name", "chat", "cache", "extra_body")
+"""the `--guide-*` flags only a server guide reads (fields of ServerOptions)"""
+
+
+def refuse_server_flags(kind: str, value) -> None:
+    """One line where a flag only a server guide reads (`value(name)` for each of SERVER_FLAGS) is given with
+    `--guide kind`, which is not a server."""
+    for name in SERVER_FLAGS:
+        if value(name):
+            raise UsageError(f"--guide-{name.replace('_', '-')} is for a server guide (--guide http://HOST:PORT/v1), "
+                             f"not --guide {kind}")
 
 
 def learner_guide(policy, *, top_p: float, top_k: int, temperature: float, min_new_tokens: int, device,
@@ -1294,7 +1346,7 @@ def learner_guide(policy, *, top_p: float, top_k: int, temperature: float, min_n
 
     if policy is None:
         raise UsageError("--guide learner needs the learner (the script's policy)")
-    path = policy.path if isinstance(policy, LoraPolicy) else _base_model(policy).name_or_path
+    path = policy.path if is_lora(policy) else _base_model(policy).name_or_path
     gtok = load_tokenizer(path)
     setup_chat(gtok, "off" if chat_template == "off" else "auto", encoder_decoder=is_encoder_decoder(path))
     return HFGuide(policy, gtok, top_p=top_p, top_k=top_k, temperature=temperature, min_new_tokens=min_new_tokens,

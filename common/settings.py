@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -98,6 +99,76 @@ class ModelSettings(metaclass=NotesGiven):
     """load the frozen base, reward model and guide in 4-bit (QLoRA; bitsandbytes, CUDA); needs --lora-r"""
     load_in_8bit: bool = False
     """as --load-in-4bit, in 8-bit (LLM.int8())"""
+
+
+@dataclass
+class ModelSetup:
+    """The LoRA and quantization fields of a script's Args (`ModelSettings`), checked before anything is loaded.
+    Plain settings: common.lora (peft) is imported only where a run asks for LoRA."""
+
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] | None = None
+    critic: str | None = None
+    merge_lora: bool = False
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> "ModelSetup":
+        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__ if hasattr(args, k)})
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_r > 0
+
+    @property
+    def critic_kind(self) -> str:
+        """adapter or separate: LoRA runs default to a critic adapter, full fine-tuning has a separate critic."""
+        return self.critic or ("adapter" if self.lora else "separate")
+
+    @property
+    def quantized(self) -> bool:
+        return self.load_in_4bit or self.load_in_8bit
+
+    def check(self, device) -> None:
+        """Bad combinations, in one line each, before anything is loaded."""
+        import torch
+
+        if self.lora_r < 0:
+            raise UsageError(f"--lora-r must be 0 (off) or positive, not {self.lora_r}")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise UsageError(f"--lora-alpha must be a number above 0 (the adapter's scale is alpha / r), not "
+                             f"{self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UsageError(f"--lora-dropout must be in [0, 1), not {self.lora_dropout}")
+        if self.critic not in (None, "adapter", "separate"):
+            raise UsageError(f"--critic must be adapter or separate, not {self.critic!r}")
+        if not self.lora:
+            for flag, on in (("--critic adapter", self.critic == "adapter"), ("--merge-lora", self.merge_lora),
+                             ("--load-in-4bit", self.load_in_4bit), ("--load-in-8bit", self.load_in_8bit)):
+                if on:
+                    raise UsageError(f"{flag} needs LoRA: add --lora-r 8 (or another rank > 0)")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise UsageError("--load-in-4bit and --load-in-8bit exclude each other: pick one")
+        if self.quantized and torch.device(device).type != "cuda":
+            flag = "--load-in-4bit" if self.load_in_4bit else "--load-in-8bit"
+            why = "no CUDA GPU is available" if not torch.cuda.is_available() else f"the device is {device}"
+            raise UsageError(f"{flag} needs a CUDA GPU (bitsandbytes' quantized kernels) and {why}: "
+                             f"drop {flag} (LoRA alone runs on the CPU)")
+
+    def quantization_config(self):
+        """QLoRA's settings: nf4 with double quantization and bf16 compute, or LLM.int8(); None when off."""
+        if not self.quantized:
+            return None
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        if self.load_in_4bit:
+            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+        return BitsAndBytesConfig(load_in_8bit=True)
 
 
 @dataclass

@@ -53,7 +53,7 @@ def build_tiny(task: str, out: Path, *, vocab_size: int = 400, seed: int = 0, fa
     at every step (so top-p 0.92 sampling always picks it)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from common.models import EmbeddedConfig, _train_tokenizer
+    from common.embedded import EmbeddedConfig, _train_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     tok = _train_tokenizer(train_texts(task), EmbeddedConfig(vocab_size=vocab_size), out)
@@ -92,7 +92,7 @@ def build_tiny_t5(task: str, out: Path, *, vocab_size: int = 400, seed: int = 0,
     into a near-constant feature, and only the favoured token's (tied) embedding has a dimension 0."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from common.models import EmbeddedConfig, _train_tokenizer
+    from common.embedded import EmbeddedConfig, _train_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     tok = _train_tokenizer(train_texts(task), EmbeddedConfig(vocab_size=vocab_size), out)
@@ -120,7 +120,7 @@ def build_tiny_bart(task: str, out: Path, *, vocab_size: int = 400, seed: int = 
     from tokenizers.processors import TemplateProcessing
     from transformers import BartConfig, BartForConditionalGeneration
 
-    from common.models import EmbeddedConfig, _train_tokenizer
+    from common.embedded import EmbeddedConfig, _train_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     tok = _train_tokenizer(train_texts(task), EmbeddedConfig(vocab_size=vocab_size), out)

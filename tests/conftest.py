@@ -107,7 +107,7 @@ def boost_eos(model, eos_id: int, logit: float = 4.0):
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
-    """Byte-level BPE as the project builds it (common/models.py): EOS = BOS = <|endoftext|>, pad = <|pad|>."""
+    """Byte-level BPE as the project builds it (common/embedded.py): EOS = BOS = <|endoftext|>, pad = <|pad|>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -19,6 +19,7 @@ import d2lols
 import lols
 import ppo
 import ppo_plus_plus
+from common import embedded as ce
 from common import models as cm
 from common import runtime as rt
 from common.errors import UsageError
@@ -59,7 +60,7 @@ def no_slow_work(monkeypatch):
 
     for name in ("resolve_models", "build_policy_ref_critic", "make_reward", "build_guide"):
         monkeypatch.setattr(rt, name, touched)
-    monkeypatch.setattr(cm, "embedded_models", touched)
+    monkeypatch.setattr(ce, "embedded_models", touched)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -333,13 +334,13 @@ def test_lora_targets_are_checked_on_the_loaded_model_too(tiny_model):
     """Where the model could not be read up front (a hub id not cached), the loaded model is checked before peft."""
     from transformers import AutoModelForCausalLM
 
-    from common.lora import ModelSetup, wrap_policy
+    from common.lora import ModelSetup, check_targets, wrap_policy
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model("commongen"))
     with pytest.raises(UsageError, match="--lora-target-modules nosuchmodule matches no module of x: choose among"):
         wrap_policy(model, ModelSetup(lora_r=4, lora_target_modules=("nosuchmodule",)), "x")
     for good in (("c_attn",), ("all-linear",), None):
-        ModelSetup(lora_r=4, lora_target_modules=good).check_targets(model, "x")
+        check_targets(ModelSetup(lora_r=4, lora_target_modules=good), model, "x")
 
 
 @needs_data
@@ -391,7 +392,7 @@ def test_a_model_guide_at_temperature_0_is_refused_in_one_line(tmp_path, capsys,
 
 @needs_data
 def test_guide_cache_runs_with_a_server_guide_at_temperature_0(tiny_model, tmp_path, monkeypatch):
-    from common.guides import HTTPGuide
+    from common.server_guide import HTTPGuide
     from test_server_guide import FIXED, Server
 
     sent = []
@@ -417,16 +418,16 @@ def test_guide_cache_runs_with_a_server_guide_at_temperature_0(tiny_model, tmp_p
 _BUILDER = """
 import sys, time
 sys.path[:0] = [{repo!r}]
-from common import models as cm
+from common import embedded as ce
 from common.tasks import get_task
-cfg = cm.EmbeddedConfig(vocab_size=300, n_layer=2, n_embd=64, n_head=2, n_positions=64, prompt_tokens=24, seq_len=40,
+cfg = ce.EmbeddedConfig(vocab_size=300, n_layer=2, n_embd=64, n_head=2, n_positions=64, prompt_tokens=24, seq_len=40,
                         sft_steps=6, batch_size=16, length_buckets=2, warmup_steps=2, max_train_texts=300, val_texts=16)
-real = cm.sft
+real = ce.sft
 def slow(*a, **k):
     time.sleep(float(sys.argv[1]))
     return real(*a, **k)
-cm.sft = slow
-em = cm.embedded_models(get_task("commongen"), sys.argv[2], cfg, log=lambda m: print(m, flush=True), progress=False)
+ce.sft = slow
+em = ce.embedded_models(get_task("commongen"), sys.argv[2], cfg, log=lambda m: print(m, flush=True), progress=False)
 print("RESULT", em.policy, flush=True)
 """
 
@@ -462,6 +463,6 @@ def test_a_build_lock_dies_with_its_process(tmp_path):
     said = []
     holder.kill()
     holder.wait()
-    with cm.build_lock(lock, said.append, "it") as waited:
+    with ce.build_lock(lock, said.append, "it") as waited:
         assert not waited and not said
     assert not lock.exists()  # removed by the holder that let it go

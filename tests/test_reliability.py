@@ -24,7 +24,7 @@ import d2lols
 import lols
 import ppo
 import ppo_plus_plus
-from common import models as cm
+from common import embedded as cm
 from common import runtime as rt
 from common import settings
 from common.errors import Terminated

@@ -30,9 +30,9 @@ import ppo_plus_plus  # noqa: E402
 from common import runtime as rt  # noqa: E402
 from common.errors import UsageError  # noqa: E402
 from common.generation import decode  # noqa: E402
-from common.guides import (CallableGuide, GuideError, HFGuide, HTTPGuide, ServerOptions, guide_continue,  # noqa: E402
-                           guide_metrics)
+from common.guides import CallableGuide, HFGuide, guide_continue, guide_metrics  # noqa: E402
 from common.models import load_tokenizer  # noqa: E402
+from common.server_guide import GuideError, HTTPGuide, ServerOptions  # noqa: E402
 
 TASKS = ("imdb", "commongen", "tldr")
 SCRIPTS = {"ppo_plus_plus": ppo_plus_plus, "aggrevated": aggrevated}
