@@ -57,7 +57,8 @@ class ModelSetup:
 
     @property
     def critic_kind(self) -> str:
-        """adapter or separate: LoRA runs default to a critic adapter, full fine-tuning has a separate critic."""
+        """adapter, separate or reference-head: LoRA runs default to a critic adapter, full fine-tuning has a
+        separate critic."""
         return self.critic or ("adapter" if self.lora else "separate")
 
     @property
@@ -73,8 +74,8 @@ class ModelSetup:
                              f"{self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UsageError(f"--lora-dropout must be in [0, 1), not {self.lora_dropout}")
-        if self.critic not in (None, "adapter", "separate"):
-            raise UsageError(f"--critic must be adapter or separate, not {self.critic!r}")
+        if self.critic not in (None, "adapter", "separate", "reference-head"):
+            raise UsageError(f"--critic must be adapter, separate or reference-head, not {self.critic!r}")
         if not self.lora:
             for flag, on in (("--critic adapter", self.critic == "adapter"), ("--merge-lora", self.merge_lora),
                              ("--load-in-4bit", self.load_in_4bit), ("--load-in-8bit", self.load_in_8bit)):
