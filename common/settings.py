@@ -79,7 +79,12 @@ class ModelSettings:
     lora_target_modules: tuple[str, ...] | None = None
     """modules the adapters wrap (e.g. q_proj v_proj), or all-linear; default: peft's for the architecture"""
     critic: str | None = None
-    """LoRA: adapter (default; a second adapter + value head on the frozen base) or separate (a full critic)"""
+    """separate (a full critic; the default without LoRA), adapter (LoRA's default: an adapter + value head on the
+    frozen base) or reference-head (a value head alone on the frozen reference's last hidden states)"""
+    critic_lr: float | None = None
+    """AdamW learning rate of the critic(s), a parameter group of its own under the same schedule; None = --lr"""
+    critic_warmup: int = 0
+    """epochs of the value loss alone on iteration 1's rollouts before the first policy update; 0 = off"""
     merge_lora: bool = False
     """also save the policy with its adapter merged in (run folder/policy-merged)"""
     load_in_4bit: bool = False
