@@ -70,7 +70,8 @@ def collect(run, args, n: int) -> list[dict]:
                                          min_new_tokens=args.min_new_tokens, temperature=args.temperature)
             ids, mask = torch.cat([qi, ri], 1), torch.cat([qm, rm], 1)
             P, T = qi.shape[1], ri.shape[1]
-            h = ref(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+            h = ref(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
+                    output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
             h = h[:, P - 1: P + T - 1].float()
         scores = torch.tensor(run.score(batch, decode(tok, s.tokens), i + 1))
         rmf = rm.float()
@@ -120,7 +121,8 @@ def replay(setting: dict, critic0, hidden_size: int, batches: list[dict], args) 
                 opt.step()
                 steps += 1
         upd_times.append(time.time() - t0)
-        print(f"  {setting['name']}: iteration {i + 1}: explained variance {evs[-1]:+.3f}, update {upd_times[-1]:.2f} s, "
+        print(f"  {setting['name']}: iteration {i + 1}: explained variance {evs[-1]:+.3f}, "
+              f"update {upd_times[-1]:.2f} s, "
               f"values {values[rm.bool()].mean():+.3f} +- {values[rm.bool()].std():.3f}", flush=True)
     return dict(setting, explained_variance=evs, update_seconds=upd_times, adam_steps=steps,
                 grad_norm_median=float(torch.tensor(grad_norms).median()))
