@@ -63,7 +63,7 @@ class Args(RunSettings, ModelSettings, GuideSettings):
     n_epochs: int = 5
     """passes over the iteration's rollouts (IMDB 5, else 4)"""
     lr: float = 1e-5
-    """AdamW learning rate of policy and critic (IMDB 1e-5, else 5e-6)"""
+    """AdamW learning rate of the policy, and of the critic unless --critic-lr (IMDB 1e-5, else 5e-6)"""
     lr_schedule: Literal["linear", "constant"] = "linear"
     """linear (decay to 0) or constant (TL;DR)"""
     weight_decay: float = 0.0
@@ -223,9 +223,10 @@ def main(args: Args):
 
             # ---- line 3: reward, reference log-probs, values ----------------------------------------
             with run.timer("forward"), torch.no_grad():
-                ref_logprobs, _ = forward_response(ref, qi, qm, ri, rm.long(), eos_id=eos, pad_id=pad,
-                                                   min_new_tokens=args.min_new_tokens, temperature=args.temperature)
-                values = critic(qi, qm, ri, rm.long()) * rm
+                ref_logprobs, ref_hidden = forward_response(  # ref_hidden: --critic reference-head's (else None)
+                    ref, qi, qm, ri, rm.long(), eos_id=eos, pad_id=pad, min_new_tokens=args.min_new_tokens,
+                    temperature=args.temperature, with_hidden=run.critic_reads_ref)
+                values = critic(qi, qm, ri, rm.long(), hidden=ref_hidden) * rm
             with run.timer("reward"):
                 responses = decode(tok, completions)
                 scores = torch.tensor(run.score(batch, responses, it), dtype=torch.float, device=device)
@@ -247,6 +248,8 @@ def main(args: Args):
             advantages = masked_whiten(advantages, policy_mask, world)
 
             # ---- line 6: n_epochs of clipped PPO updates over minibatches ----------------------------
+            # (--critic-warmup: at iteration 1, first epochs of the value loss alone; the policy untouched)
+            run.warm_up_critic(it, critic, critic_t, (qi, qm, ri, rm), values, returns, value_mask, ref_hidden)
             stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "entropy", "ratio",
                                      "nll")}
             with run.timer("update"):
@@ -278,7 +281,8 @@ def main(args: Args):
                             # loss = policy loss + vf_coef * value loss: no shared weights, so each part is
                             # backpropagated alone and the policy's activations are freed before the critic's exist
                             policy_loss.backward()
-                            v = critic_t(q_ids, q_mask, r_ids, r_mask)
+                            h = None if ref_hidden is None else ref_hidden[mi, t]  # --critic reference-head
+                            v = critic_t(q_ids, q_mask, r_ids, r_mask, hidden=h)
                             v_old, ret = values[mi, t], returns[mi, t]
                             v_clip = v_old + (v - v_old).clamp(-args.clip_range_vf, args.clip_range_vf)
                             vf_losses = torch.max((v - ret) ** 2, (v_clip - ret) ** 2)

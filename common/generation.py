@@ -564,7 +564,7 @@ class _TokenLogProbs(torch.autograd.Function):
 
 def forward_response(model, query_ids, query_mask, response_ids, response_mask, *, eos_id: int, pad_id: int,
                      min_new_tokens: int, temperature: float = 1.0, with_entropy: bool = False,
-                     pack: bool | int | None = None):
+                     pack: bool | int | None = None, with_hidden: bool = False):
     """Training-time forward over [left-padded query | right-padded response].
 
     Returns log pi(y_t | x, y_<t) for every response position [B, T] (logits shifted by one: the logit
@@ -576,7 +576,12 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
     (`packing_works`), False pads, True packs, an int k packs into exactly k rows. An encoder-decoder model is
     never packed: the prompt goes to the encoder, the response to the decoder (`seq2seq_inputs`). Without gradients the rows
     are scored in chunks of about NO_GRAD_LOGITS_BYTES of logits, each without its all-padding columns.
+    `with_hidden` (not with `with_entropy`): the second output is instead the model's last hidden state at the
+    position that scores each response token (the state before it; [B, T, H], fp32, 0 at padding): what a
+    `ReferenceHeadValue` critic reads.
     """
+    if with_hidden and with_entropy:
+        raise ValueError("forward_response: with_hidden or with_entropy, not both (both are the second output)")
     B, T = response_ids.shape
     seq2seq = is_seq2seq(model)
     logit_bytes = B * T * (getattr(_base(model).config, "vocab_size", 0) or 0) * 4
@@ -589,10 +594,10 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
             lp, ent = forward_response(model, query_ids[s:s + rows, q], query_mask[s:s + rows, q],
                                        response_ids[s:s + rows, t], response_mask[s:s + rows, t], eos_id=eos_id,
                                        pad_id=pad_id, min_new_tokens=min_new_tokens, temperature=temperature,
-                                       with_entropy=with_entropy, pack=pack)
+                                       with_entropy=with_entropy, pack=pack, with_hidden=with_hidden)
             lps.append(F.pad(lp, (0, T - lp.shape[1])))
-            ents.append(F.pad(ent, (0, T - ent.shape[1])) if with_entropy else None)
-        return torch.cat(lps), (torch.cat(ents) if with_entropy else None)
+            ents.append(None if ent is None else F.pad(ent, (0, 0) * (ent.dim() - 2) + (0, T - ent.shape[1])))
+        return torch.cat(lps), (torch.cat(ents) if with_entropy or with_hidden else None)
     groups = None if seq2seq else _layout(model, query_mask, response_mask, pack)
     if groups is not None:
         ids, pos, keep, t_pos = _pack(query_ids, query_mask, response_ids, response_mask, groups)
@@ -602,6 +607,9 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
             hidden = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1,
                            output_hidden_states=True).hidden_states[-1]
             logits = _base(model).get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[keep])
+        if with_hidden:
+            states = hidden.reshape(-1, hidden.shape[-1])[keep].float()
+            states = states.new_zeros((B, T, states.shape[-1])).masked_scatter(response_mask.bool()[..., None], states)
         # fp32 and temperature, then the sampling masks in place: the LM head's backward does not need its
         # output, so in fp32 no copy is made at all
         logits = logits.float()
@@ -613,6 +621,8 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
         picked, ent = _TokenLogProbs.apply(logits, response_ids[real], with_entropy)
         del logits
         logprobs = torch.zeros((B, T), dtype=picked.dtype, device=picked.device).masked_scatter(real, picked)
+        if with_hidden:
+            return logprobs, states
         if not with_entropy:
             return logprobs, None
         entropy = torch.zeros((B, T), dtype=ent.dtype, device=ent.device).masked_scatter(real, ent)
@@ -621,7 +631,12 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
         # one encoder + decoder forward: the prompt in the encoder, [start] + y[:-1] in the decoder, whose
         # position t scores y_t (padding after a row's end is only ever read by later, unscored positions)
         with _autocast(query_ids.device):
-            logits = model(**seq2seq_inputs(model, query_ids, query_mask, response_ids), use_cache=False).logits
+            out = model(**seq2seq_inputs(model, query_ids, query_mask, response_ids), use_cache=False,
+                        **({"output_hidden_states": True} if with_hidden else {}))
+        logits = out.logits
+        if with_hidden:
+            states = out.decoder_hidden_states[-1].float() * response_mask[..., None]
+        del out  # the logits' copy below frees these
     else:
         ids = torch.cat([query_ids, response_ids], dim=1)
         mask = torch.cat([query_mask, response_mask], dim=1)
@@ -630,8 +645,12 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
         with _autocast(ids.device):
             # the LM head only where a response token is scored: on long prompts most of its work would otherwise
             # be thrown away (and slicing its output would cost a [B, T + 1, V] zero-filled copy in backward)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
-                           logits_to_keep=scored).logits
+            out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
+                        logits_to_keep=scored, **({"output_hidden_states": True} if with_hidden else {}))
+        logits = out.logits
+        if with_hidden:
+            states = out.hidden_states[-1][:, P - 1: P + T - 1].float() * response_mask[..., None]
+        del out  # the logits' copy below frees these
     bias = response_logits_bias(T, logits.shape[-1], min_new_tokens, eos_id, pad_id, logits.device)
     # one [B, T, V] copy does temperature, masks and fp32 (bf16 logits promote) at once: the logits are the
     # largest tensors of the update
@@ -641,6 +660,8 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
     picked, ent = _TokenLogProbs.apply(logits.view(-1, V), safe_ids.reshape(-1), with_entropy)
     del logits
     logprobs = torch.where(response_mask.bool(), picked.view(B, T), torch.zeros_like(picked).view(B, T))
+    if with_hidden:
+        return logprobs, states
     if not with_entropy:
         return logprobs, None
     return logprobs, ent.view(B, T)  # entr(0) = 0: masked tokens add nothing
@@ -656,6 +677,26 @@ def seq2seq_inputs(model, query_ids, query_mask, response_ids) -> dict:
             "decoder_input_ids": torch.cat([start, response_ids[:, :-1]], dim=1)}
 
 
+class ReferenceHeadValue(torch.nn.Module):
+    """`--critic reference-head`: a critic that is only a scalar head on the frozen reference model's last hidden
+    states, which line 3's reference forward computes anyway (`forward_response(..., with_hidden=True)`): no
+    forward or backward of a model of its own. Zero-initialised like ValueModel's head."""
+
+    reads_reference = True  # its forward needs `hidden`
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, query_ids, query_mask, response_ids, response_mask, hidden=None):
+        """V(x, y_<t) = head(h_ref) for every response position t; `hidden`: the reference's [B, T, H] states."""
+        if hidden is None:
+            raise ValueError("a reference-head critic reads the reference's hidden states: pass hidden=")
+        return self.head(hidden.float()).squeeze(-1)
+
+
 class ValueModel(torch.nn.Module):
     """A critic: a transformer backbone with a scalar head, read at every response position. An encoder-decoder
     backbone (T5Model: no LM head) reads the prompt in its encoder and the head reads its decoder's states."""
@@ -667,7 +708,10 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
 
-    def forward(self, query_ids, query_mask, response_ids, response_mask, pack: bool | int | None = None):
+    reads_reference = False  # `hidden` (the reference's states, for ReferenceHeadValue) is not read
+
+    def forward(self, query_ids, query_mask, response_ids, response_mask, hidden=None,
+                pack: bool | int | None = None):
         """V(x, y_<t) for every response position t: the state before token t is read at the position
         of the previous token, like the logits. [B, T]. `pack` as in `forward_response`."""
         B, T = response_ids.shape

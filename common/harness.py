@@ -62,7 +62,9 @@ class Run:
         self.critic, self.critics = critic, {critics[0]: critic}
         for name in critics[1:]:  # e.g. the guide's value V_psi of LOLS and D2LOLS
             self.critics[name] = rt.make_critic(self.policy_path, self.tok, self.device, args.gradient_checkpointing,
-                                                policy=self.policy, name=name)
+                                                policy=self.policy, name=name, kind=setup.critic_kind)
+        # --critic reference-head: line 3's reference forward returns its hidden states, which the critics read
+        self.critic_reads_ref = any(c.reads_reference for c in self.critics.values())
         self.guide = None
         if guide:  # after the policy: a LoRA policy's start model as guide is its base with the adapter off
             self.guide = rt.build_guide(
@@ -72,9 +74,16 @@ class Run:
         self.args = args = dataclasses.replace(args, chat_template="on" if self.tok.chat_format else "off")
         self.reward_fn = rt.make_reward(task, args.reward_model, self.train, self.device, self.info, setup=setup)
         trained = [self.policy, *self.critics.values()]
+        # one parameter group, or with --critic-lr a second one for the critics (the schedule scales each group's
+        # own base lr: self.base_lrs)
+        critic_lr = getattr(args, "critic_lr", None)
+        params = [p for m in trained for p in m.parameters()]
+        groups = [{"params": params}] if critic_lr is None else [
+            {"params": list(self.policy.parameters())},
+            {"params": [p for m in trained[1:] for p in m.parameters()], "lr": critic_lr}]
+        self.base_lrs = [args.lr] if critic_lr is None else [args.lr, critic_lr]
         # fused: one kernel per step instead of a Python loop over every tensor (~3x faster optimiser step on CPU)
-        self.optimizer = torch.optim.AdamW([p for m in trained for p in m.parameters()], lr=args.lr,
-                                           eps=args.adam_eps, weight_decay=args.weight_decay,
+        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay,
                                            fused=self.device.type in ("cpu", "cuda"))
         rt.zero_gradients(trained)  # allocated once, up front (see rt.zero_gradients)
         self.sampler = rt.PromptSampler(len(self.train), rt.derive_seed(args.seed, "prompts"))  # same in every process
@@ -124,10 +133,10 @@ class Run:
         self.progress = rt.progress_bar(range(start, args.iterations + 1), enabled=self.rank == 0)
         for it in self.progress:
             self.t_iter, self.times = time.time(), {}
-            frac = 1.0 - (it - 1) / args.iterations
+            frac = 1.0 - (it - 1) / args.iterations if args.lr_schedule == "linear" else 1.0
             self.lr = args.lr * frac if args.lr_schedule == "linear" else args.lr
-            for g in self.optimizer.param_groups:
-                g["lr"] = self.lr
+            for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+                g["lr"] = base * frac  # exactly self.lr for the policy's group
             yield it
             self.last_eval = None
             if self.evaluates and (it % args.eval_interval == 0 or it == args.iterations):
@@ -147,6 +156,37 @@ class Run:
         return rt.scored(self.reward_fn, [e.prompt for e in examples], responses, [e.references for e in examples],
                          f"iteration {it}")
 
+    def warm_up_critic(self, it: int, critic, critic_t, rollouts: tuple, values, returns, value_mask,
+                       ref_hidden=None):
+        """`--critic-warmup N`: at iteration 1, before the first policy update, N epochs of the value loss alone on
+        the iteration's rollouts (qi, qm, ri, rm): the update's minibatches and micro-batches, its clipped value
+        loss, vf_coef and grad-norm clip. The policy (and the other critics) get no gradient, so AdamW leaves
+        their weights and state untouched. Off (0), nothing runs and no random number is drawn."""
+        args = self.args
+        if it != 1 or not getattr(args, "critic_warmup", 0):
+            return
+        from common.generation import used_columns
+
+        qi, qm, ri, rm = rollouts
+        idle = [self.policy, *(c for c in self.critics.values() if c is not critic)]
+        with self.timer("critic_warmup"):
+            for _ in range(args.critic_warmup):
+                for mb in torch.randperm(self.local, device="cpu").split(self.mb_local):
+                    n_val = value_mask[mb].sum().clamp(min=1)
+                    rt.zero_gradients([critic], idle=idle)
+                    for mi in mb.split(args.micro_batch_size):
+                        mi = mi.to(self.device)
+                        q, t = used_columns(qm[mi], rm[mi])
+                        v = critic_t(qi[mi, q], qm[mi, q], ri[mi, t], rm[mi, t].long(),
+                                     hidden=None if ref_hidden is None else ref_hidden[mi, t])
+                        v_old, ret = values[mi, t], returns[mi, t]
+                        v_clip = v_old + (v - v_old).clamp(-args.clip_range_vf, args.clip_range_vf)
+                        vf_losses = torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
+                        vf_loss = 0.5 * (vf_losses * value_mask[mi, t]).sum() / n_val
+                        (args.vf_coef * vf_loss).backward()
+                    torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                    self.optimizer.step()
+
     @contextmanager
     def timer(self, name: str):
         """Adds the time of the block to the iteration's `time/<name>` metric."""
@@ -163,6 +203,8 @@ class Run:
         n_tokens = metrics["train/response_length"] * self.args.rollouts_per_iteration
         metrics = {**metrics, **{f"time/{k}": v for k, v in self.times.items()}, "time/iteration": dt,
                    "time/tokens_per_second": n_tokens / dt}
+        if len(self.base_lrs) > 1:  # --critic-lr
+            metrics["train/critic_lr"] = self.optimizer.param_groups[1]["lr"]
         if self.guide is not None:
             from common.guides import guide_metrics
 

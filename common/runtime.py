@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from common.errors import RunFailed, UsageError, exit_code
-from common.generation import (ValueModel, decode, forward_response, left_pad, position_limit, right_pad, sample,
-                               set_bf16)
+from common.generation import (ReferenceHeadValue, ValueModel, decode, forward_response, left_pad, position_limit,
+                               right_pad, sample, set_bf16)
 from common.chat import setup_chat, template_length
 from common.settings import ModelSetup
 from common.models import _no_dropout, is_encoder_decoder, is_model_alias, load_causal_lm, load_tokenizer
@@ -280,7 +280,7 @@ def build_policy_ref_critic(policy_path: str, device, context: int, gradient_che
         critic = make_critic(policy_path, tok, device, gradient_checkpointing, policy=policy)
         return tok, policy, policy.reference(), critic
     ref = copy.deepcopy(policy).eval().requires_grad_(False).to(device)
-    critic = make_critic(policy_path, tok, device, gradient_checkpointing)
+    critic = make_critic(policy_path, tok, device, gradient_checkpointing, kind=setup.critic_kind)
     if gradient_checkpointing:
         enable_gradient_checkpointing(policy, policy_path)
     return tok, policy, ref, critic
@@ -336,13 +336,18 @@ def zero_gradients(trained, idle=()) -> None:
 
 
 def make_critic(policy_path: str, tok, device, gradient_checkpointing: bool = False, policy=None,
-                name: str = "critic") -> ValueModel:
+                name: str = "critic", kind: str | None = None) -> ValueModel | ReferenceHeadValue:
     """A separate value model (backbone + scalar head), initialised from the policy's backbone (AutoModel: a causal
     LM's transformer, an encoder-decoder LM's encoder-decoder without LM head, e.g. T5Model); with a LoRA
-    policy and `--critic adapter` (its default), an adapter `name` + head on the policy's own base instead."""
-    from transformers import AutoModel
+    policy and `--critic adapter` (its default), an adapter `name` + head on the policy's own base instead; with
+    `--critic reference-head` (`kind`, else a LoRA policy's setting), a head alone on the reference's states."""
+    from transformers import AutoConfig, AutoModel
 
-    if is_lora(policy) and policy.setup.critic_kind == "adapter":
+    kind = kind or (policy.setup.critic_kind if is_lora(policy) else "separate")
+    if kind == "reference-head":
+        config = AutoConfig.from_pretrained(os.path.expanduser(policy_path))
+        return ReferenceHeadValue(config.hidden_size).to(_load_device(device))
+    if is_lora(policy) and kind == "adapter":
         from common.lora import make_adapter_critic
 
         return make_adapter_critic(policy, name)
@@ -678,8 +683,9 @@ def _flag(name: str) -> str:
 _AT_LEAST_1 = ("iterations", "rollouts_per_iteration", "minibatch_size", "micro_batch_size", "n_epochs",
                "eval_interval", "eval_samples", "save_interval", "prompt_tokens", "max_new_tokens", "kl_horizon",
                "eval_num_beams")
-_AT_LEAST_0 = ("seed", "min_new_tokens", "sample_rows", "guide_top_k", "tau", "guide_temperature", "final_eval_samples")
-_ABOVE_0 = ("temperature", "adam_eps", "max_grad_norm", "clip_range", "clip_range_vf", "kl_target")
+_AT_LEAST_0 = ("seed", "min_new_tokens", "sample_rows", "guide_top_k", "tau", "guide_temperature", "final_eval_samples",
+               "critic_warmup")
+_ABOVE_0 = ("temperature", "adam_eps", "max_grad_norm", "clip_range", "clip_range_vf", "kl_target", "critic_lr")
 _NOT_NEGATIVE = ("lr", "weight_decay", "vf_coef", "kl_coef", "nll_coef")
 _FROM_0_TO_1 = ("gamma", "lam", "beta", "p_ppo_pp", "guide_top_p")
 
@@ -719,6 +725,8 @@ def check_settings(args, world: int) -> None:
     if hasattr(args, "lora_r"):  # LoRA and quantization (common.settings.ModelSetup)
         setup = ModelSetup.from_args(args)
         setup.check(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        if setup.critic_kind == "reference-head" and args.fsdp:
+            raise UsageError("--critic reference-head is a value head alone, not sharded by --fsdp: drop one of them")
     guide = value("guide")
     if guide is not None:
         from common.guides import RULE_GUIDES, is_server_url

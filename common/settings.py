@@ -92,7 +92,12 @@ class ModelSettings(metaclass=NotesGiven):
     lora_target_modules: tuple[str, ...] | None = None
     """modules the adapters wrap (e.g. q_proj v_proj), or all-linear; default: peft's for the architecture"""
     critic: str | None = None
-    """LoRA: adapter (default; a second adapter + value head on the frozen base) or separate (a full critic)"""
+    """separate (a full critic; the default without LoRA), adapter (LoRA's default: an adapter + value head on the
+    frozen base) or reference-head (a value head alone on the frozen reference's last hidden states)"""
+    critic_lr: float | None = None
+    """AdamW learning rate of the critic(s), a parameter group of its own under the same schedule; None = --lr"""
+    critic_warmup: int = 0
+    """epochs of the value loss alone on iteration 1's rollouts before the first policy update; 0 = off"""
     merge_lora: bool = False
     """also save the policy with its adapter merged in (run folder/policy-merged)"""
     load_in_4bit: bool = False
@@ -125,7 +130,8 @@ class ModelSetup:
 
     @property
     def critic_kind(self) -> str:
-        """adapter or separate: LoRA runs default to a critic adapter, full fine-tuning has a separate critic."""
+        """adapter, separate or reference-head: LoRA runs default to a critic adapter, full fine-tuning has a
+        separate critic."""
         return self.critic or ("adapter" if self.lora else "separate")
 
     @property
@@ -143,8 +149,8 @@ class ModelSetup:
                              f"{self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UsageError(f"--lora-dropout must be in [0, 1), not {self.lora_dropout}")
-        if self.critic not in (None, "adapter", "separate"):
-            raise UsageError(f"--critic must be adapter or separate, not {self.critic!r}")
+        if self.critic not in (None, "adapter", "separate", "reference-head"):
+            raise UsageError(f"--critic must be adapter, separate or reference-head, not {self.critic!r}")
         if not self.lora:
             for flag, on in (("--critic adapter", self.critic == "adapter"), ("--merge-lora", self.merge_lora),
                              ("--load-in-4bit", self.load_in_4bit), ("--load-in-8bit", self.load_in_8bit)):
