@@ -694,8 +694,6 @@ def check_settings(args, world: int) -> None:
     """Every setting the scripts share, checked at once (no model, data or run folder touched yet): counts of at
     least 1, non-negative seeds and coefficients, probabilities in [0, 1], the device, the guide for the task,
     model paths and the batch hierarchy (called by `common.settings.finish_settings`)."""
-    from common.guides import RULE_GUIDES
-
     def value(name):
         return getattr(args, name, None)
 
