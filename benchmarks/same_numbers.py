@@ -3,6 +3,7 @@
     python benchmarks/same_numbers.py record numbers.json     # run every case, write its numbers
     python benchmarks/same_numbers.py compare numbers.json    # run every case again, list each difference
     python benchmarks/same_numbers.py compare numbers.json --cases ppo-imdb lols-tldr
+    python benchmarks/same_numbers.py compare numbers.json --old-evaluation --allow-added evaluation eval/prompts
 
 Each case is a short run (2 iterations, 16 evaluation prompts, 2 torch threads) of one script from the command
 line, in a fresh process: the five scripts on the three tasks with the embedded default models, and, on tiny models
@@ -10,6 +11,11 @@ made here from configs, PPO++ with LoRA, PPO and D2LOLS with a T5 policy, and PP
 OpenAI-compatible server as the guide (tests/openai_server.py, fixed text). Its numbers are every row of
 metrics.jsonl (time/* and */*_per_second left out: they measure the machine) and eval.json. Float kernels differ between CPUs, so a
 recording is compared on the machine that made it (RLGF_DATA_DIR and the embedded-model cache as they were).
+
+A change that adds what runs report (a new key in eval.json or metrics.jsonl) passes with `--allow-added KEY ...`;
+`--old-evaluation` runs the cases that name a model (whose preset is the paper's) with the evaluation the embedded
+preset keeps, one sample per prompt on --eval-samples (`--eval-decoding sample --final-eval-samples None`), for a
+recording made before the paper's evaluation protocol became that preset's default.
 """
 
 from __future__ import annotations
@@ -114,6 +120,9 @@ def main() -> int:
     p.add_argument("mode", choices=["record", "compare"])
     p.add_argument("file")
     p.add_argument("--cases", nargs="*", help="only these cases (default: all)")
+    p.add_argument("--allow-added", nargs="*", default=[], help="keys that may appear only in the new numbers")
+    p.add_argument("--old-evaluation", action="store_true", help="cases naming a model: sampled evaluation on "
+                   "--eval-samples (the recording's protocol)")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="same-numbers-"))
     tiny = Path(os.environ.get("RLGF_CACHE_DIR") or Path.home() / ".cache" / "rlgf") / "same-numbers-tiny"
@@ -121,6 +130,9 @@ def main() -> int:
     server, url = start_server(work)
     try:
         todo = cases(tiny, url)
+        if a.old_evaluation:
+            todo = {k: v + (["--eval-decoding", "sample", "--final-eval-samples", "None"] if "--policy-model" in v
+                            else []) for k, v in todo.items()}
         if a.cases:
             unknown = set(a.cases) - todo.keys()
             if unknown:
@@ -135,6 +147,8 @@ def main() -> int:
                 if before is not None:
                     before = {**before, "metrics": machine_free(before["metrics"])}
                 d = diff(before, got[name], name) if name in recorded else [f"{name}: not recorded"]
+                d = [x for x in d if not (x.endswith(": only after") and x.split("/")[-1].split(":")[0]
+                                          in {k.split("/")[-1] for k in a.allow_added})]
                 problems += d
                 print(f"  {name}: {'same' if not d else f'{len(d)} differences'}", flush=True)
         if a.mode == "record":

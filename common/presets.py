@@ -183,7 +183,9 @@ def fill_presets(args, task_name: str, preset: str = "auto", aliases: dict | Non
         if key not in values or (f.name == "guide_model" and getattr(args, "guide", "model") != "model"):
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        if getattr(args, f.name) is None or (getattr(args, f.name) == default and f.name not in (given or ())):
+        v = getattr(args, f.name)
+        named = f.name in (given or ()) and not (v is None and default is not None)  # None: "unset" for a value
+        if not named and (v is None or v == default):
             updates[f.name] = values[key]
     hub = [v for k, v in updates.items() if k in MODEL_FIELDS and not os.path.isdir(os.path.expanduser(str(v)))]
     missing = _hub_unreachable(hub) if hub else []
