@@ -40,14 +40,11 @@ class Task:
     local_dir: str
     split_files: dict
     """our split name -> (hub split, local file); None where the split is derived (IMDB validation)"""
-    prompt_tokens: int
-    """prompt length in tokens (paper)"""
     min_new_tokens: int
+    """the response's lengths (paper; the presets take them: common/presets.py)"""
     max_new_tokens: int
     truncation: str
     """how an over-long prompt is cut: 'left' keeps its end, 'tldr' cuts the post and keeps 'TL;DR:'"""
-    paper_policy: str
-    paper_reward: str
 
     def load(self, split: str, data_dir: str | None = None, limit: int | None = None) -> list[Example]:
         return load_split(self, split, data_dir, limit)
@@ -60,9 +57,7 @@ TASKS = {
         local_dir="imdb",
         split_files={"train": ("train", "train.jsonl"), "validation": ("train", "train.jsonl"),
                      "test": ("test", "test.jsonl")},
-        prompt_tokens=64, min_new_tokens=48, max_new_tokens=48, truncation="left",
-        paper_policy="rajkumarrrk/gpt2-fine-tuned-on-imdb-positive-reviews",
-        paper_reward="lvwerra/distilbert-imdb",
+        min_new_tokens=48, max_new_tokens=48, truncation="left",
     ),
     "commongen": Task(
         name="commongen",
@@ -70,9 +65,7 @@ TASKS = {
         local_dir="common_gen",
         split_files={"train": ("train", "train.jsonl"), "validation": ("validation", "validation.jsonl"),
                      "test": ("test", "test.jsonl")},
-        prompt_tokens=15, min_new_tokens=5, max_new_tokens=20, truncation="left",
-        paper_policy="rajkumarrrk/t5-common-gen",
-        paper_reward="CIDEr-D + SPICE",
+        min_new_tokens=5, max_new_tokens=20, truncation="left",
     ),
     "tldr": Task(
         name="tldr",
@@ -80,9 +73,7 @@ TASKS = {
         local_dir="openai_summarize_tldr",
         split_files={"train": ("train", "train.jsonl"), "validation": ("valid", "valid.jsonl"),
                      "test": ("test", "test.jsonl")},
-        prompt_tokens=500, min_new_tokens=5, max_new_tokens=50, truncation="tldr",
-        paper_policy="CarperAI/openai_summarize_tldr_sft",
-        paper_reward="learned reward model (jdchang/tldr_rm_adapter)",
+        min_new_tokens=5, max_new_tokens=50, truncation="tldr",
     ),
 }
 
