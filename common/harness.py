@@ -78,7 +78,7 @@ class Run:
         # own base lr: self.base_lrs)
         critic_lr = getattr(args, "critic_lr", None)
         params = [p for m in trained for p in m.parameters()]
-        groups = [{"params": params}] if critic_lr is None else [
+        groups = params if critic_lr is None else [
             {"params": list(self.policy.parameters())},
             {"params": [p for m in trained[1:] for p in m.parameters()], "lr": critic_lr}]
         self.base_lrs = [args.lr] if critic_lr is None else [args.lr, critic_lr]

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import typing
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,18 @@ class NotesGiven(type):
     def __call__(cls, *args, **kwargs):
         obj = super().__call__(*args, **kwargs)
         named = set(kwargs) if len(args) + len(kwargs) < len(dataclasses.fields(obj)) else set()
-        object.__setattr__(obj, "_given", named)
+        _NAMED[id(obj)] = (weakref.ref(obj), named)  # beside the object: its __dict__ stays its fields alone
+        weakref.finalize(obj, _NAMED.pop, id(obj), None)
         return obj
+
+
+_NAMED: dict[int, tuple] = {}  # id(args) -> (a weak reference to it, the fields its caller named)
+
+
+def named_fields(args) -> set[str]:
+    """The fields the Python call that made `args` named (`NotesGiven`)."""
+    ref, named = _NAMED.get(id(args), (None, set()))
+    return named if ref is not None and ref() is args else set()
 
 
 @dataclass
@@ -219,11 +230,13 @@ def given_fields(args) -> set[str]:
     the default."""
     from common import runtime as rt
 
-    out = set(rt._CLI_GIVEN or ()) | getattr(args, "_given", set())  # `cli` notes the command line's
+    out = set(rt._CLI_GIVEN or ()) | named_fields(args)  # `cli` notes the command line's
     for f in dataclasses.fields(args):
         v = getattr(args, f.name)
         if v is not None and v != f.default:
             out.add(f.name)
+        elif v is None and f.default is not None:
+            out.discard(f.name)  # None for a field with a value: unset, the preset's (or the resumed run's)
     return out
 
 

@@ -38,7 +38,7 @@ def _block(mod, start: str, end: str) -> list[str]:
     out = []
     for line in lines[i + 1: j]:
         line = line[indent:]
-        line = line.replace("v = critic_t(", "v = run.critic_t(")  # the phase's critic (LOLS, D2LOLS)
+        line = line.replace("run.critic_t", "critic_t")  # the phase's critic (LOLS, D2LOLS)
         line = re.sub(r", idle=\[c for c in run\.critics\.values\(\) if c is not critic\]\)", ")", line)
         line = line.split("  #")[0].rstrip()  # comments may name the script's own case
         out.append(line)
@@ -87,7 +87,7 @@ def test_every_field_is_documented_and_concrete():
     shows its value in --help)."""
     may_be_none = {"policy_model", "reward_model", "kl_target", "data_dir", "run_name", "resume", "save_interval",
                    "micro_batch_size", "lora_target_modules", "critic", "guide_model", "guide_model_name",
-                   "guide_cache", "guide_extra_body", "final_eval_samples"}
+                   "guide_cache", "guide_extra_body", "final_eval_samples", "critic_lr"}
     for mod in SCRIPTS:
         docs = field_docs(mod.Args)
         for f in dataclasses.fields(mod.Args):
