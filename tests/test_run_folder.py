@@ -317,3 +317,24 @@ def test_an_error_in_the_loop_says_what_is_kept_and_cleans_up_without_a_checkpoi
                              "from it)"), line
         assert torch.load(run / "checkpoint.pt", weights_only=True)["iteration"] == 1
         assert not (run / ".lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# a run folder written by the earlier layout of the scripts
+# ---------------------------------------------------------------------------------------------------
+@needs_data
+def test_resume_reads_a_flat_args_json_and_refuses_an_earlier_checkpoint_in_one_line(kept_run, tmp_path, capsys):
+    """args.json is one flat object of every setting (the settings groups' fields beside the script's own), as the
+    earlier scripts wrote it; a checkpoint whose keys an earlier layout wrote (the KL controller as "kl_coef") is
+    refused in one line instead of resumed wrongly."""
+    saved = json.loads((kept_run / "args.json").read_text())
+    assert saved["script"] == "ppo" and {"lr", "lora_r", "resume", "eval_decoding", "seed"} <= saved.keys()
+    assert not any(isinstance(v, dict) for v in saved.values())
+    run = _copy(kept_run, tmp_path)
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["kl_ctl"]["value"] == saved["kl_coef"]
+    ck["kl_coef"] = ck.pop("kl_ctl")["value"]  # the earlier layout
+    torch.save(ck, run / "checkpoint.pt")
+    with pytest.raises(SystemExit) as e:
+        ppo.main(ppo.Args(resume=str(run), iterations=3))
+    _one_error_line(capsys, e, 2, "checkpoint.pt has no kl_ctl", "start a new run")
