@@ -184,3 +184,19 @@ def test_throughput_sets_each_iteration_against_the_floor_of_its_own_work(tmp_pa
     assert r["ratio"] == pytest.approx(float(np.median(r["ratios"])))
     assert r["floor_train"] == pytest.approx(float(np.median([f["train"] for f in r["floors"]])))
     assert r["model_state_mib"] > 0 and r["peak_mib_above_imports"] > 0 and r["tokens_per_s"] > 0
+
+
+def test_guide_rows_are_scored_again_on_another_prompt_count(tmp_path, monkeypatch):
+    (tmp_path / "guides.json").write_text(json.dumps({
+        "commongen/rule": {"reward": 0.1, "prompts": 100},  # another count: scored again
+        "commongen/model": {"reward": 0.2, "prompts": 993},  # this count: kept
+        "imdb/model": {"reward": 0.3}}))  # recorded before counts were: kept as it is
+    monkeypatch.setattr(reproduce, "guide_prompts", lambda args, task: 993)
+    monkeypatch.setattr(reproduce, "guide_alone", lambda args, task, kind: {"reward": 0.9, "prompts": 993})
+    monkeypatch.setattr(reproduce, "start_alone", lambda args, task: {"reward": 0.5, "prompts": 993.0})
+    args = reproduce.Args(results_dir=str(tmp_path))
+    out = reproduce.guide_baselines(args, [("commongen", "rule"), ("commongen", "model"), ("imdb", "model"),
+                                           ("commongen", reproduce.START)])
+    assert out["commongen/rule"]["reward"] == 0.9 and out["commongen/model"]["reward"] == 0.2
+    assert out["imdb/model"] == {"reward": 0.3} and out["commongen/start"]["reward"] == 0.5
+    assert json.loads((tmp_path / "guides.json").read_text()) == out
