@@ -70,10 +70,36 @@ def few_shot_name(args: "Args", task: str) -> str:
     return f"{args.policy_model}-{task}-{FEW_SHOT}shot"
 KEPT = ("args.json", "eval.json", "metrics.jsonl")  # what a finished run keeps (see .gitignore)
 
+# Named grids (--grid NAME): the configurations with their own seeds, in the order given (seed-major over them),
+# and the settings every run of the grid gets. results/smollm2-paper-protocol/README.md says why these.
+PROTOCOL_GUIDE = "fewshot-greedy"  # the strongest candidate alone, scored as the runs' final evaluation scores
+GRIDS = {
+    # results/smollm2's PPO and PPO++ (few-shot guide), seed 1, with their committed settings (the full separate
+    # critic, one sample per prompt on the first 100 validation prompts), to show they reproduce; policies kept
+    # for --rescore under the paper's decoding
+    "smollm2-reproduce": dict(
+        policy_model="smollm2", tasks=["commongen"], keep_policy=True, guide_samples=100,
+        extra="--critic separate --eval-decoding sample --final-eval-samples None",
+        cells=[("ppo", "-", [1]), ("ppo_plus_plus", "fewshot", [1])]),
+    # the paper's evaluation (the smollm2 preset: CommonGen beam 5 on all 993 concept sets, curves on the first
+    # 100), its reference-head critic, full fine-tuning at lr 1e-5 held constant for 40 iterations
+    "smollm2-paper-protocol": dict(
+        policy_model="smollm2", tasks=["commongen"], keep_policy=True, iterations=40,
+        extra="--lr-schedule constant",
+        cells=[("ppo", "-", [1, 2, 3, 4, 5]), ("ppo_plus_plus", PROTOCOL_GUIDE, [1, 2, 3, 4, 5]),
+               ("d2lols", PROTOCOL_GUIDE, [1, 2, 3, 4, 5]), ("aggrevated", PROTOCOL_GUIDE, [1, 2, 3]),
+               ("lols", PROTOCOL_GUIDE, [1, 2, 3]), ("ppo_plus_plus", "learner", [1, 2, 3]),
+               ("d2lols", "learner", [1, 2, 3])]),
+}
+RESCORED = "rescore-"  # <run>/rescore-<decoding>-<prompts>.json: a kept policy evaluated again (--rescore), kept too
 
 
 @dataclass
 class Args:
+    grid: str | None = None
+    """a named grid (""" + ", ".join(GRIDS) + """): its configurations, each with its own seeds, and its
+    settings (policy model, tasks, iterations, extra flags, --keep-policy, --guide-samples); --seeds keeps only
+    those of its seeds, --extra is added after its own flags (the last of a repeated flag wins)"""
     tasks: list[str] = field(default_factory=lambda: ["imdb", "commongen", "tldr"])
     """tasks to run"""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
@@ -135,9 +161,40 @@ class Args:
     split, the paper's protocol; unset = eval_samples); a cached entry scored on another count is scored again"""
 
 
+def apply_grid(args: Args) -> Args:
+    """`--grid NAME`: the named grid's settings on `args` (see GRIDS); `args` as it is without one."""
+    if args.grid is None:
+        return args
+    if args.grid not in GRIDS:
+        raise SystemExit(f"error: --grid must be one of {', '.join(GRIDS)}, not {args.grid!r}")
+    g = GRIDS[args.grid]
+    args.policy_model, args.tasks = g["policy_model"], list(g["tasks"])
+    args.iterations = g.get("iterations", args.iterations)
+    args.keep_policy = args.keep_policy or g.get("keep_policy", False)
+    if args.guide_samples is None:
+        args.guide_samples = g.get("guide_samples")
+    args.extra = " ".join(x for x in (g.get("extra", ""), args.extra) if x)
+    default_seeds = Args().seeds
+    wanted = None if args.seeds == default_seeds else set(args.seeds)
+    args.cells = [(a, gd, [s for s in seeds if wanted is None or s in wanted]) for a, gd, seeds in g["cells"]]
+    args.seeds = sorted({s for _, _, seeds in args.cells for s in seeds})
+    args.algos = [a for a in ALGOS if any(a == c[0] for c in args.cells)]
+    args.guides = list(dict.fromkeys(gd for _, gd, _ in args.cells if gd != "-"))
+    return args
+
+
 def configs(args: Args):
     """Seed-major order: every configuration's first seed, then every second seed, ... so that a grid stopped
-    early still covers every algorithm."""
+    early still covers every algorithm. A named grid (--grid): its configurations in its order, each with its
+    own seeds."""
+    cells = getattr(args, "cells", None)
+    if cells is not None:
+        for seed in args.seeds:
+            for task in args.tasks:
+                for algo, guide, seeds in cells:
+                    if seed in seeds:
+                        yield task, algo, guide, seed
+        return
     for seed in args.seeds:
         for task in args.tasks:
             for algo in args.algos:
@@ -832,4 +889,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(apply_grid(tyro.cli(Args)))

@@ -200,3 +200,37 @@ def test_guide_rows_are_scored_again_on_another_prompt_count(tmp_path, monkeypat
     assert out["commongen/rule"]["reward"] == 0.9 and out["commongen/model"]["reward"] == 0.2
     assert out["imdb/model"] == {"reward": 0.3} and out["commongen/start"]["reward"] == 0.5
     assert json.loads((tmp_path / "guides.json").read_text()) == out
+
+
+def test_named_grid_runs_its_configurations_with_their_own_seeds_in_its_order():
+    args = reproduce.apply_grid(reproduce.Args(grid="smollm2-paper-protocol"))
+    grid = list(reproduce.configs(args))
+    guide = reproduce.PROTOCOL_GUIDE
+    # seed 1 first, PPO, PPO++ and D2LOLS with the chosen guide ahead of the rest
+    assert [(a, g) for _, a, g, s in grid[:3]] == [("ppo", "-"), ("ppo_plus_plus", guide), ("d2lols", guide)]
+    assert [s for *_, s in grid] == sorted(s for *_, s in grid)
+    count = {}
+    for _, a, g, _ in grid:
+        count[(a, g)] = count.get((a, g), 0) + 1
+    assert count == {("ppo", "-"): 5, ("ppo_plus_plus", guide): 5, ("d2lols", guide): 5, ("aggrevated", guide): 3,
+                     ("lols", guide): 3, ("ppo_plus_plus", "learner"): 3, ("d2lols", "learner"): 3}
+    assert args.keep_policy and args.iterations == 40 and args.policy_model == "smollm2"
+    cmd = reproduce.run_command(args, "commongen", "ppo_plus_plus", guide, 1)
+    assert cmd[-2:] == ["--lr-schedule", "constant"] and "--guide-top-k" in cmd
+    # --seeds keeps only those of the grid's seeds; --extra comes after the grid's own flags
+    args = reproduce.apply_grid(reproduce.Args(grid="smollm2-paper-protocol", seeds=[4], extra="--eval-samples 8"))
+    assert {(a, g) for _, a, g, _ in reproduce.configs(args)} == {("ppo", "-"), ("ppo_plus_plus", guide),
+                                                                   ("d2lols", guide)}
+    assert args.extra == "--lr-schedule constant --eval-samples 8"
+    with pytest.raises(SystemExit):
+        reproduce.apply_grid(reproduce.Args(grid="nope"))
+
+
+def test_the_reproduction_grid_asks_for_the_committed_runs_settings():
+    args = reproduce.apply_grid(reproduce.Args(grid="smollm2-reproduce"))
+    assert [reproduce.run_name(*c) for c in reproduce.configs(args)] == [
+        "ppo-none-commongen-seed1", "ppo_plus_plus-fewshot-commongen-seed1"]
+    for run in ("ppo-none-commongen-seed1", "ppo_plus_plus-fewshot-commongen-seed1"):
+        saved = json.loads((REPO / "results/smollm2/runs" / run / "args.json").read_text())
+        assert saved["policy_model"] == "smollm2" and saved["iterations"] == 20 and saved["critic"] is None
+    assert args.extra.split() == ["--critic", "separate", "--eval-decoding", "sample", "--final-eval-samples", "None"]
