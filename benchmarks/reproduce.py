@@ -152,6 +152,10 @@ class Args:
     alone on each task's validation prompts; written to <results-dir>/zero_shot.json"""
     zero_shot_samples: int | None = None
     """validation prompts of --zero-shot (default: the preset's eval_samples)"""
+    compare_to: str | None = None
+    """only compare each finished run of the grid with the run of the same name in this runs folder (e.g. the
+    committed results/smollm2/runs): every row of metrics.jsonl (time/* and */*_per_second left out) and eval.json,
+    value for value; lists each difference"""
     score_guides: bool = False
     """only score the start model (decoded as the runs' final evaluation decodes) and each of --guides alone (as it
     decodes when it guides) on the runs' final evaluation prompts, into <results-dir>/guides.json (cached)"""
@@ -481,6 +485,27 @@ def zero_shot(args: Args) -> dict:
     path = Path(args.results_dir) / "zero_shot.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"policy_model": args.policy_model, "results": out}, indent=1) + "\n")
+    return out
+
+
+def compare_runs(args: Args) -> dict:
+    """--compare-to: the grid's finished runs against the runs of the same names in another folder, value for value
+    (benchmarks/same_numbers.py's comparison): {run: [differences]}; keys an older run does not have (e.g. evaluation
+    in eval.json, final_eval/* and */prompts rows written by a newer version) are listed as "only after"."""
+    from same_numbers import diff, numbers_of
+
+    out = {}
+    for task, algo, guide, seed in configs(args):
+        name = run_name(task, algo, guide, seed)
+        mine, theirs = Path(args.runs_dir) / name, Path(args.compare_to) / name
+        if not (mine / "eval.json").is_file() or not (theirs / "eval.json").is_file():
+            continue
+        out[name] = d = diff(numbers_of(theirs), numbers_of(mine))
+        print(f"{name}: {'the same numbers' if not d else f'{len(d)} differences'}", flush=True)
+        for line in d[:40]:
+            print(f"  {line}")
+    if not out:
+        print(f"nothing to compare: no finished run in {args.runs_dir} has one of the same name in {args.compare_to}")
     return out
 
 
@@ -863,6 +888,9 @@ def main(args: Args):
         return
     if args.rescore:
         rescore(args)
+        return
+    if args.compare_to:
+        compare_runs(args)
         return
     if args.score_guides:
         guides = [g for g in args.guides if g != "-"]

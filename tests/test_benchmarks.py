@@ -234,3 +234,16 @@ def test_the_reproduction_grid_asks_for_the_committed_runs_settings():
         saved = json.loads((REPO / "results/smollm2/runs" / run / "args.json").read_text())
         assert saved["policy_model"] == "smollm2" and saved["iterations"] == 20 and saved["critic"] is None
     assert args.extra.split() == ["--critic", "separate", "--eval-decoding", "sample", "--final-eval-samples", "None"]
+
+
+def test_compare_to_lists_every_difference_with_another_runs_folder(tmp_path, capsys):
+    for folder in ("a", "b"):
+        _fake_run(tmp_path / folder, "ppo-none-imdb-seed1", 0.5, 0.6)
+        _fake_run(tmp_path / folder, "d2lols-model-imdb-seed1", 0.5, 0.9 if folder == "a" else 0.8)
+    args = reproduce.Args(tasks=["imdb"], seeds=[1], algos=["ppo", "d2lols"], guides=["model"],
+                          runs_dir=str(tmp_path / "b"), compare_to=str(tmp_path / "a"))
+    out = reproduce.compare_runs(args)
+    assert out["ppo-none-imdb-seed1"] == []
+    assert sorted(out["d2lols-model-imdb-seed1"]) == ["/eval/final/reward: 0.9 before, 0.8 after",
+                                                     "/metrics[5]/eval/reward: 0.9 before, 0.8 after"]
+    assert "the same numbers" in capsys.readouterr().out
