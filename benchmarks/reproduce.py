@@ -501,8 +501,12 @@ def compare_runs(args: Args) -> dict:
         if not (mine / "eval.json").is_file() or not (theirs / "eval.json").is_file():
             continue
         out[name] = d = diff(numbers_of(theirs), numbers_of(mine))
-        print(f"{name}: {'the same numbers' if not d else f'{len(d)} differences'}", flush=True)
-        for line in d[:40]:
+        added = sorted({line.split("[")[-1].split("]/", 1)[-1][:-len(": only after")]
+                        for line in d if line.endswith(": only after")})
+        changed = [line for line in d if not line.endswith(": only after")]
+        print(f"{name}: {'the same numbers' if not changed else f'{len(changed)} differences'}"
+              + (f" (keys only in the rerun: {', '.join(added)})" if added else ""), flush=True)
+        for line in changed[:40]:
             print(f"  {line}")
     if not out:
         print(f"nothing to compare: no finished run in {args.runs_dir} has one of the same name in {args.compare_to}")

@@ -247,3 +247,14 @@ def test_compare_to_lists_every_difference_with_another_runs_folder(tmp_path, ca
     assert sorted(out["d2lols-model-imdb-seed1"]) == ["/eval/final/reward: 0.9 before, 0.8 after",
                                                      "/metrics[5]/eval/reward: 0.9 before, 0.8 after"]
     assert "the same numbers" in capsys.readouterr().out
+
+
+def test_compare_to_names_keys_only_the_rerun_has_apart_from_differences(tmp_path, capsys):
+    _fake_run(tmp_path / "a", "ppo-none-imdb-seed1", 0.5, 0.6)
+    _fake_run(tmp_path / "b", "ppo-none-imdb-seed1", 0.5, 0.6)
+    ev = tmp_path / "b" / "ppo-none-imdb-seed1" / "eval.json"
+    ev.write_text(json.dumps({**json.loads(ev.read_text()), "evaluation": {"decoding": "sample"}}))
+    args = reproduce.Args(tasks=["imdb"], seeds=[1], algos=["ppo"], runs_dir=str(tmp_path / "b"),
+                          compare_to=str(tmp_path / "a"))
+    assert reproduce.compare_runs(args) == {"ppo-none-imdb-seed1": ["/eval/evaluation: only after"]}
+    assert "the same numbers (keys only in the rerun: /eval/evaluation)" in capsys.readouterr().out
