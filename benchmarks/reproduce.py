@@ -48,16 +48,18 @@ GUIDE_FLAGS = {
     "model": ["--guide", "model"],  # the paper's guide: the model guide with the preset's sampling (top-p 0.92)
     "greedy": ["--guide", "model", "--guide-top-k", "1"],  # the same model guide, decoded greedily: stronger
     "fewshot": ["--guide", "model"],  # + --guide-model ALIAS-TASK-5shot: the same model, 5 solved train examples
+    "fewshot-greedy": ["--guide", "model", "--guide-top-k", "1"],  # the few-shot guide decoded greedily
     "rule": ["--guide", "rule"],  # our rule-based guide (commongen, tldr)
     # the official code's moving guide (its defect, SPEC 5.1): the current learner with the guide's sampling
     "learner": ["--guide", "learner"],
 }
 FEW_SHOT = 5
-MODEL_GUIDES = ("model", "greedy", "fewshot", "learner")
+MODEL_GUIDES = ("model", "greedy", "fewshot", "fewshot-greedy", "learner")
+START = "start"  # guides.json's entry for the start model under the runs' final evaluation (--score-guides)
 
 
 def guide_flags(args: "Args", task: str, guide: str) -> list[str]:
-    if guide == "fewshot":
+    if guide in ("fewshot", "fewshot-greedy"):
         if not args.policy_model:
             raise SystemExit("error: the fewshot guide needs --policy-model (a model alias such as smollm2)")
         return GUIDE_FLAGS[guide] + ["--guide-model", few_shot_name(args, task)]
@@ -67,11 +69,37 @@ def guide_flags(args: "Args", task: str, guide: str) -> list[str]:
 def few_shot_name(args: "Args", task: str) -> str:
     return f"{args.policy_model}-{task}-{FEW_SHOT}shot"
 KEPT = ("args.json", "eval.json", "metrics.jsonl")  # what a finished run keeps (see .gitignore)
+
+# Named grids (--grid NAME): the configurations with their own seeds, in the order given (seed-major over them),
+# and the settings every run of the grid gets. results/smollm2-paper-protocol/README.md says why these.
+PROTOCOL_GUIDE = "fewshot-greedy"  # the strongest candidate alone, scored as the runs' final evaluation scores
+GRIDS = {
+    # results/smollm2's PPO and PPO++ (few-shot guide), seed 1, with their committed settings (the full separate
+    # critic, one sample per prompt on the first 100 validation prompts), to show they reproduce; policies kept
+    # for --rescore under the paper's decoding
+    "smollm2-reproduce": dict(
+        policy_model="smollm2", tasks=["commongen"], keep_policy=True, guide_samples=100,
+        extra="--critic separate --eval-decoding sample --final-eval-samples None",
+        cells=[("ppo", "-", [1]), ("ppo_plus_plus", "fewshot", [1])]),
+    # the paper's evaluation (the smollm2 preset: CommonGen beam 5 on all 993 concept sets, curves on the first
+    # 100), its reference-head critic, full fine-tuning at lr 1e-5 held constant for 40 iterations
+    "smollm2-paper-protocol": dict(
+        policy_model="smollm2", tasks=["commongen"], keep_policy=True, iterations=40,
+        extra="--lr-schedule constant",
+        cells=[("ppo", "-", [1, 2, 3, 4, 5]), ("ppo_plus_plus", PROTOCOL_GUIDE, [1, 2, 3, 4, 5]),
+               ("d2lols", PROTOCOL_GUIDE, [1, 2, 3, 4, 5]), ("aggrevated", PROTOCOL_GUIDE, [1, 2, 3]),
+               ("lols", PROTOCOL_GUIDE, [1, 2, 3]), ("ppo_plus_plus", "learner", [1, 2, 3]),
+               ("d2lols", "learner", [1, 2, 3])]),
+}
 RESCORED = "rescore-"  # <run>/rescore-<decoding>-<prompts>.json: a kept policy evaluated again (--rescore), kept too
 
 
 @dataclass
 class Args:
+    grid: str | None = None
+    """a named grid (""" + ", ".join(GRIDS) + """): its configurations, each with its own seeds, and its
+    settings (policy model, tasks, iterations, extra flags, --keep-policy, --guide-samples); --seeds keeps only
+    those of its seeds, --extra is added after its own flags (the last of a repeated flag wins)"""
     tasks: list[str] = field(default_factory=lambda: ["imdb", "commongen", "tldr"])
     """tasks to run"""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
@@ -81,7 +109,8 @@ class Args:
     guides: list[str] = field(default_factory=lambda: ["model", "rule"])
     """guides for the guided algorithms: model (the paper's: the guide model sampled with the preset's top-p),
     greedy (the same model decoded greedily, --guide-top-k 1), fewshot (the --policy-model alias with 5 solved
-    training examples in its chat template: --guide-model ALIAS-TASK-5shot), rule (commongen and tldr only),
+    training examples in its chat template: --guide-model ALIAS-TASK-5shot), fewshot-greedy (that guide decoded
+    greedily), rule (commongen and tldr only),
     learner (the official code's moving guide: the current learner sampled with the guide's settings)"""
     model_guide_tasks: list[str] = field(default_factory=lambda: ["imdb", "commongen", "tldr"])
     """tasks on which the model, greedy and fewshot guides run (on CommonGen and TL;DR the embedded guide is the learner's
@@ -123,11 +152,53 @@ class Args:
     alone on each task's validation prompts; written to <results-dir>/zero_shot.json"""
     zero_shot_samples: int | None = None
     """validation prompts of --zero-shot (default: the preset's eval_samples)"""
+    compare_to: str | None = None
+    """only compare each finished run of the grid with the run of the same name in this runs folder (e.g. the
+    committed results/smollm2/runs): every row of metrics.jsonl (time/* and */*_per_second left out) and eval.json,
+    value for value; lists each difference"""
+    score_guides: bool = False
+    """only score the start model (decoded as the runs' final evaluation decodes) and each of --guides alone (as it
+    decodes when it guides) on the runs' final evaluation prompts, into <results-dir>/guides.json (cached)"""
+    guide_samples: int | None = None
+    """validation prompts on which the guides alone and the start model are scored (--score-guides and the
+    report's guide rows): default the runs' final evaluation set (the preset's final_eval_samples; 0 = the whole
+    split, the paper's protocol; unset = eval_samples); a cached entry scored on another count is scored again"""
+
+
+def apply_grid(args: Args) -> Args:
+    """`--grid NAME`: the named grid's settings on `args` (see GRIDS); `args` as it is without one."""
+    if args.grid is None:
+        return args
+    if args.grid not in GRIDS:
+        raise SystemExit(f"error: --grid must be one of {', '.join(GRIDS)}, not {args.grid!r}")
+    g = GRIDS[args.grid]
+    args.policy_model, args.tasks = g["policy_model"], list(g["tasks"])
+    args.iterations = g.get("iterations", args.iterations)
+    args.keep_policy = args.keep_policy or g.get("keep_policy", False)
+    if args.guide_samples is None:
+        args.guide_samples = g.get("guide_samples")
+    args.extra = " ".join(x for x in (g.get("extra", ""), args.extra) if x)
+    default_seeds = Args().seeds
+    wanted = None if args.seeds == default_seeds else set(args.seeds)
+    args.cells = [(a, gd, [s for s in seeds if wanted is None or s in wanted]) for a, gd, seeds in g["cells"]]
+    args.seeds = sorted({s for _, _, seeds in args.cells for s in seeds})
+    args.algos = [a for a in ALGOS if any(a == c[0] for c in args.cells)]
+    args.guides = list(dict.fromkeys(gd for _, gd, _ in args.cells if gd != "-"))
+    return args
 
 
 def configs(args: Args):
     """Seed-major order: every configuration's first seed, then every second seed, ... so that a grid stopped
-    early still covers every algorithm."""
+    early still covers every algorithm. A named grid (--grid): its configurations in its order, each with its
+    own seeds."""
+    cells = getattr(args, "cells", None)
+    if cells is not None:
+        for seed in args.seeds:
+            for task in args.tasks:
+                for algo, guide, seeds in cells:
+                    if seed in seeds:
+                        yield task, algo, guide, seed
+        return
     for seed in args.seeds:
         for task in args.tasks:
             for algo in args.algos:
@@ -260,24 +331,51 @@ def _setting(args: Args, task_name: str) -> tuple:
 
 
 def guide_baselines(args: Args, tasks_guides) -> dict:
-    """The guide alone on the validation prompts (the same prompts, reward and metrics as the runs' evaluation):
-    the paper's premise is a guide better than the learner's start. Cached in <results-dir>/guides.json."""
+    """The guide alone on the validation prompts of the runs' final evaluation (the same prompts, reward and
+    metrics): the paper's premise is a guide better than the learner's start. Cached in <results-dir>/guides.json;
+    an entry that records another prompt count than `guide_prompts` gives is scored again (entries from before
+    the prompt count was recorded are kept as they are)."""
     path = Path(args.results_dir) / "guides.json"
     cache = json.loads(path.read_text()) if path.exists() else {}
-    todo = [(t, g) for t, g in tasks_guides if f"{t}/{g}" not in cache]
-    if todo:
-        for task_name, kind in todo:
-            cache[f"{task_name}/{kind}"] = m = guide_alone(args, task_name, kind)
-            print(f"guide {task_name}/{kind}: {m}", flush=True)
+    def stale(task_name, kind):
+        entry = cache.get(f"{task_name}/{kind}")
+        return entry is None or ("prompts" in entry and entry["prompts"] != guide_prompts(args, task_name))
+    todo = [(t, g) for t, g in tasks_guides if stale(t, g)]
+    for task_name, kind in todo:
+        t0 = time.time()
+        m = start_alone(args, task_name) if kind == START else guide_alone(args, task_name, kind)
+        cache[f"{task_name}/{kind}"] = m = {**m, "seconds": round(time.time() - t0, 1)}
+        print(f"[{time.strftime('%H:%M:%S')}] guide {task_name}/{kind}: {m}", flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cache, indent=1) + "\n")
+        path.write_text(json.dumps(cache, indent=1) + "\n")  # after each: a long scoring keeps what it did
     return cache
 
 
+def guide_prompts(args: Args, task_name: str) -> int:
+    """How many validation prompts the guides alone are scored on: --guide-samples, else the runs' final
+    evaluation set (the preset's final_eval_samples: 0 = the whole split; unset = its eval_samples)."""
+    from common.tasks import get_task, resolve_data_dir
+
+    if args.guide_samples is not None:
+        n = args.guide_samples
+    else:
+        pre = _setting_values(args, task_name)
+        n = pre.get("final_eval_samples")
+        n = pre["eval_samples"] if n is None else n
+    return len(get_task(task_name).load("validation", resolve_data_dir(None), limit=n or None))
+
+
+def _setting_values(args: Args, task_name: str) -> dict:
+    from common.presets import PRESETS, preset_for
+
+    return PRESETS[preset_for(args.policy_model)][task_name]
+
+
 def guide_alone(args: Args, task_name: str, kind: str, n: int | None = None) -> dict:
-    """One guide (model, greedy, fewshot or rule) writing whole responses to the first `n` (default: the preset's
-    eval_samples) validation prompts, given the prompt text exactly as the runs' guides get it (cut to
-    prompt_tokens, without the learner's chat template; a model guide adds its own)."""
+    """One guide (model, greedy, fewshot, fewshot-greedy or rule) writing whole responses to the first `n`
+    (default: `guide_prompts`) validation prompts, given the prompt text exactly as the runs' guides get it (cut to
+    prompt_tokens, without the learner's chat template; a model guide adds its own), decoded as it decodes when it
+    guides (the preset's top-p, or greedily), 32 prompts at a time."""
     import torch
 
     from common import runtime as rt
@@ -288,22 +386,26 @@ def guide_alone(args: Args, task_name: str, kind: str, n: int | None = None) -> 
 
     task = get_task(task_name)
     pre, policy_path, guide_path, data_dir = _setting(args, task_name)
-    if kind == "fewshot":
+    if kind in ("fewshot", "fewshot-greedy"):
         from common.embedded import resolve_model_alias
 
         guide_path = resolve_model_alias(few_shot_name(args, task_name), data_dir=data_dir)
     elif kind == "learner":  # the moving guide alone: before any training it is the learner's start model
         guide_path = policy_path
+    greedy = kind in ("greedy", "fewshot-greedy")
     guide = rt.build_guide("rule" if kind == "rule" else "model", task, guide_path, None, torch.device("cpu"),
-                           top_p=pre["guide_top_p"], top_k=1 if kind == "greedy" else pre["guide_top_k"],
+                           top_p=pre["guide_top_p"], top_k=1 if greedy else pre["guide_top_k"],
                            temperature=1.0, min_new_tokens=task.min_new_tokens, chat_template="auto")
-    val = task.load("validation", data_dir, limit=n or pre["eval_samples"])
+    val = task.load("validation", data_dir, limit=(guide_prompts(args, task_name) if n is None else n) or None)
     tok = rt.load_tokenizer(policy_path)  # the prompts exactly as the learner sees them (cut to prompt_tokens)
     setup_chat(tok, "auto", encoder_decoder=is_encoder_decoder(policy_path))
     seen = [tok.decode(task_ids(tok, q)) for q in rt.encode_prompts(task, tok, val, pre["prompt_tokens"])]
     prompts, refs = [e.prompt for e in val], [e.references for e in val]  # as the runs' evaluation
     torch.manual_seed(1234)
-    done = guide.complete(seen, [""] * len(val), [task.max_new_tokens] * len(val))
+    done = []
+    for i in range(0, len(val), 32):
+        chunk = seen[i: i + 32]
+        done += guide.complete(chunk, [""] * len(chunk), [task.max_new_tokens] * len(chunk))
     responses = [text for text, _ in done]
     reward_fn = rt.make_reward(task, None, task.load("train", data_dir), "cpu", log=lambda *a: None)
     m = {"reward": float(np.mean(reward_fn(prompts, responses, refs)))}
@@ -311,7 +413,38 @@ def guide_alone(args: Args, task_name: str, kind: str, n: int | None = None) -> 
     # in the learner's tokens, its EOS counted where the guide ended the text, as the runs' evaluation counts
     m["response_length"] = float(np.mean([len(tok(t, add_special_tokens=False)["input_ids"]) + int(end)
                                           for t, end in done]))
-    return m
+    how = "rule" if kind == "rule" else ("greedy" if greedy else
+                                         f"sample top-p {pre['guide_top_p']} top-k {pre['guide_top_k']}")
+    return {**m, "prompts": len(val), "decoding": how}
+
+
+def start_alone(args: Args, task_name: str, n: int | None = None) -> dict:
+    """The start model evaluated exactly as a run's final evaluation evaluates (`common.runtime.evaluate` with the
+    preset's eval_decoding and beams, lengths, prompt cut and chat template) on the first `n` (default:
+    `guide_prompts`) validation prompts: with the preset's whole final set, the "initial" of every run's
+    eval.json."""
+    import types
+
+    import torch
+
+    from common import runtime as rt
+    from common.chat import setup_chat
+    from common.models import is_encoder_decoder
+    from common.tasks import get_task
+
+    task = get_task(task_name)
+    pre, policy_path, _, data_dir = _setting(args, task_name)
+    tok = rt.load_tokenizer(policy_path)
+    setup_chat(tok, "auto", encoder_decoder=is_encoder_decoder(policy_path))
+    policy = rt.load_causal_lm(policy_path, tok, torch.device("cpu"))
+    settings = types.SimpleNamespace(prompt_tokens=pre["prompt_tokens"], max_new_tokens=task.max_new_tokens,
+                                     min_new_tokens=task.min_new_tokens, temperature=1.0,
+                                     eval_decoding=pre.get("eval_decoding"), eval_num_beams=pre.get("eval_num_beams"))
+    val = task.load("validation", data_dir, limit=(guide_prompts(args, task_name) if n is None else n) or None)
+    reward_fn = rt.make_reward(task, None, task.load("train", data_dir), "cpu", log=lambda *a: None)
+    m, _ = rt.evaluate(policy, policy, tok, task, val, reward_fn, settings, torch.device("cpu"))
+    decoding, beams = rt.eval_decoding(settings)
+    return {**m, "decoding": decoding + (f" {beams} beams" if decoding == "beam" else "")}
 
 
 def zero_shot(args: Args) -> dict:
@@ -346,12 +479,37 @@ def zero_shot(args: Args) -> dict:
         guides = [g for g in args.guides if g != "rule" or task_name in RULE_TASKS]
         for kind in guides:
             t0 = time.time()
-            m = guide_alone(args, task_name, kind, args.zero_shot_samples)
+            m = guide_alone(args, task_name, kind, args.zero_shot_samples or pre["eval_samples"])
             out[f"{task_name}/guide/{kind}"] = {**m, "seconds": round(time.time() - t0, 1)}
             print(f"{task_name} guide {kind}: {out[f'{task_name}/guide/{kind}']}", flush=True)
     path = Path(args.results_dir) / "zero_shot.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"policy_model": args.policy_model, "results": out}, indent=1) + "\n")
+    return out
+
+
+def compare_runs(args: Args) -> dict:
+    """--compare-to: the grid's finished runs against the runs of the same names in another folder, value for value
+    (benchmarks/same_numbers.py's comparison): {run: [differences]}; keys an older run does not have (e.g. evaluation
+    in eval.json, final_eval/* and */prompts rows written by a newer version) are listed as "only after"."""
+    from same_numbers import diff, numbers_of
+
+    out = {}
+    for task, algo, guide, seed in configs(args):
+        name = run_name(task, algo, guide, seed)
+        mine, theirs = Path(args.runs_dir) / name, Path(args.compare_to) / name
+        if not (mine / "eval.json").is_file() or not (theirs / "eval.json").is_file():
+            continue
+        out[name] = d = diff(numbers_of(theirs), numbers_of(mine))
+        added = sorted({line.split("[")[-1].split("]/", 1)[-1][:-len(": only after")]
+                        for line in d if line.endswith(": only after")})
+        changed = [line for line in d if not line.endswith(": only after")]
+        print(f"{name}: {'the same numbers' if not changed else f'{len(changed)} differences'}"
+              + (f" (keys only in the rerun: {', '.join(added)})" if added else ""), flush=True)
+        for line in changed[:40]:
+            print(f"  {line}")
+    if not out:
+        print(f"nothing to compare: no finished run in {args.runs_dir} has one of the same name in {args.compare_to}")
     return out
 
 
@@ -735,12 +893,20 @@ def main(args: Args):
     if args.rescore:
         rescore(args)
         return
+    if args.compare_to:
+        compare_runs(args)
+        return
+    if args.score_guides:
+        guides = [g for g in args.guides if g != "-"]
+        guide_baselines(args, [(t, g) for t in args.tasks for g in [START] + guides
+                               if g != "rule" or t in RULE_TASKS])
+        return
     if not args.report_only:
         if args.policy_model:  # a model alias is made once, before runs race to make it
             from common.embedded import resolve_model_alias
 
             resolve_model_alias(args.policy_model)
-            if "fewshot" in args.guides:
+            if {"fewshot", "fewshot-greedy"} & set(args.guides):
                 for task in args.tasks:
                     resolve_model_alias(few_shot_name(args, task))
         elif args.workers > 1:  # build each task's embedded models once, before runs race to build them
@@ -755,4 +921,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(apply_grid(tyro.cli(Args)))

@@ -184,3 +184,77 @@ def test_throughput_sets_each_iteration_against_the_floor_of_its_own_work(tmp_pa
     assert r["ratio"] == pytest.approx(float(np.median(r["ratios"])))
     assert r["floor_train"] == pytest.approx(float(np.median([f["train"] for f in r["floors"]])))
     assert r["model_state_mib"] > 0 and r["peak_mib_above_imports"] > 0 and r["tokens_per_s"] > 0
+
+
+def test_guide_rows_are_scored_again_on_another_prompt_count(tmp_path, monkeypatch):
+    (tmp_path / "guides.json").write_text(json.dumps({
+        "commongen/rule": {"reward": 0.1, "prompts": 100},  # another count: scored again
+        "commongen/model": {"reward": 0.2, "prompts": 993},  # this count: kept
+        "imdb/model": {"reward": 0.3}}))  # recorded before counts were: kept as it is
+    monkeypatch.setattr(reproduce, "guide_prompts", lambda args, task: 993)
+    monkeypatch.setattr(reproduce, "guide_alone", lambda args, task, kind: {"reward": 0.9, "prompts": 993})
+    monkeypatch.setattr(reproduce, "start_alone", lambda args, task: {"reward": 0.5, "prompts": 993.0})
+    args = reproduce.Args(results_dir=str(tmp_path))
+    out = reproduce.guide_baselines(args, [("commongen", "rule"), ("commongen", "model"), ("imdb", "model"),
+                                           ("commongen", reproduce.START)])
+    assert out["commongen/rule"]["reward"] == 0.9 and out["commongen/model"]["reward"] == 0.2
+    assert out["imdb/model"] == {"reward": 0.3} and out["commongen/start"]["reward"] == 0.5
+    assert json.loads((tmp_path / "guides.json").read_text()) == out
+
+
+def test_named_grid_runs_its_configurations_with_their_own_seeds_in_its_order():
+    args = reproduce.apply_grid(reproduce.Args(grid="smollm2-paper-protocol"))
+    grid = list(reproduce.configs(args))
+    guide = reproduce.PROTOCOL_GUIDE
+    # seed 1 first, PPO, PPO++ and D2LOLS with the chosen guide ahead of the rest
+    assert [(a, g) for _, a, g, s in grid[:3]] == [("ppo", "-"), ("ppo_plus_plus", guide), ("d2lols", guide)]
+    assert [s for *_, s in grid] == sorted(s for *_, s in grid)
+    count = {}
+    for _, a, g, _ in grid:
+        count[(a, g)] = count.get((a, g), 0) + 1
+    assert count == {("ppo", "-"): 5, ("ppo_plus_plus", guide): 5, ("d2lols", guide): 5, ("aggrevated", guide): 3,
+                     ("lols", guide): 3, ("ppo_plus_plus", "learner"): 3, ("d2lols", "learner"): 3}
+    assert args.keep_policy and args.iterations == 40 and args.policy_model == "smollm2"
+    cmd = reproduce.run_command(args, "commongen", "ppo_plus_plus", guide, 1)
+    assert cmd[-2:] == ["--lr-schedule", "constant"] and "--guide-top-k" in cmd
+    # --seeds keeps only those of the grid's seeds; --extra comes after the grid's own flags
+    args = reproduce.apply_grid(reproduce.Args(grid="smollm2-paper-protocol", seeds=[4], extra="--eval-samples 8"))
+    assert {(a, g) for _, a, g, _ in reproduce.configs(args)} == {("ppo", "-"), ("ppo_plus_plus", guide),
+                                                                   ("d2lols", guide)}
+    assert args.extra == "--lr-schedule constant --eval-samples 8"
+    with pytest.raises(SystemExit):
+        reproduce.apply_grid(reproduce.Args(grid="nope"))
+
+
+def test_the_reproduction_grid_asks_for_the_committed_runs_settings():
+    args = reproduce.apply_grid(reproduce.Args(grid="smollm2-reproduce"))
+    assert [reproduce.run_name(*c) for c in reproduce.configs(args)] == [
+        "ppo-none-commongen-seed1", "ppo_plus_plus-fewshot-commongen-seed1"]
+    for run in ("ppo-none-commongen-seed1", "ppo_plus_plus-fewshot-commongen-seed1"):
+        saved = json.loads((REPO / "results/smollm2/runs" / run / "args.json").read_text())
+        assert saved["policy_model"] == "smollm2" and saved["iterations"] == 20 and saved["critic"] is None
+    assert args.extra.split() == ["--critic", "separate", "--eval-decoding", "sample", "--final-eval-samples", "None"]
+
+
+def test_compare_to_lists_every_difference_with_another_runs_folder(tmp_path, capsys):
+    for folder in ("a", "b"):
+        _fake_run(tmp_path / folder, "ppo-none-imdb-seed1", 0.5, 0.6)
+        _fake_run(tmp_path / folder, "d2lols-model-imdb-seed1", 0.5, 0.9 if folder == "a" else 0.8)
+    args = reproduce.Args(tasks=["imdb"], seeds=[1], algos=["ppo", "d2lols"], guides=["model"],
+                          runs_dir=str(tmp_path / "b"), compare_to=str(tmp_path / "a"))
+    out = reproduce.compare_runs(args)
+    assert out["ppo-none-imdb-seed1"] == []
+    assert sorted(out["d2lols-model-imdb-seed1"]) == ["/eval/final/reward: 0.9 before, 0.8 after",
+                                                     "/metrics[5]/eval/reward: 0.9 before, 0.8 after"]
+    assert "the same numbers" in capsys.readouterr().out
+
+
+def test_compare_to_names_keys_only_the_rerun_has_apart_from_differences(tmp_path, capsys):
+    _fake_run(tmp_path / "a", "ppo-none-imdb-seed1", 0.5, 0.6)
+    _fake_run(tmp_path / "b", "ppo-none-imdb-seed1", 0.5, 0.6)
+    ev = tmp_path / "b" / "ppo-none-imdb-seed1" / "eval.json"
+    ev.write_text(json.dumps({**json.loads(ev.read_text()), "evaluation": {"decoding": "sample"}}))
+    args = reproduce.Args(tasks=["imdb"], seeds=[1], algos=["ppo"], runs_dir=str(tmp_path / "b"),
+                          compare_to=str(tmp_path / "a"))
+    assert reproduce.compare_runs(args) == {"ppo-none-imdb-seed1": ["/eval/evaluation: only after"]}
+    assert "the same numbers (keys only in the rerun: /eval/evaluation)" in capsys.readouterr().out
