@@ -349,8 +349,11 @@ def cli(cls, doc: str, aliases: dict | None = None):
     def spec(f):
         default = shown.get(f.name, f.default)
         hint = f"(default: {DERIVED[f.name]})" if f.name in DERIVED else None
-        marker = tyro.conf.arg(help=docs.get(f.name), help_behavior_hint=hint)
-        return f.name, typing.Annotated[hints[f.name], marker], dataclasses.field(default=default)
+        kind, metavar = hints[f.name], None
+        if typing.get_origin(kind) is typing.Literal:  # parsed as text: a bad choice is check_choices' one line
+            kind, metavar = str, "{" + ",".join(map(str, typing.get_args(kind))) + "}"
+        marker = tyro.conf.arg(help=docs.get(f.name), help_behavior_hint=hint, metavar=metavar)
+        return f.name, typing.Annotated[kind, marker], dataclasses.field(default=default)
 
     fields = [spec(f) for f in dataclasses.fields(cls) if f.name not in grouped]
     for g in groups:

@@ -550,3 +550,15 @@ def test_cli_notes_the_flags_given(monkeypatch):
     args = settings.cli(ppo.Args, ppo.__doc__, ppo.PRESET_ALIASES)
     assert isinstance(args, ppo.Args) and args.lr == 0.1 and args.resume == "x" and args.bf16 is False
     assert rt._CLI_GIVEN == {"task", "bf16", "lr", "resume"}
+
+
+@pytest.mark.parametrize("flag,value", [("--lr-schedule", "cosine"), ("--kl-estimator", "k2"),
+                                        ("--eval-decoding", "nucleus")])
+def test_a_bad_choice_on_the_command_line_is_one_line(flag, value):
+    """A field with a fixed set of choices (a Literal) named with another value: one `error:` line naming the
+    choices, exit 2, before anything is loaded (not the parser's box)."""
+    p = subprocess.run([sys.executable, "ppo.py", flag, value], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "RLGF_DATA_DIR": str(DATA)}, timeout=120)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {flag} must be "), p.stderr
+    assert value in lines[0] and "╭" not in p.stderr
