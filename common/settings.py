@@ -118,18 +118,9 @@ class ModelSettings(metaclass=NotesGiven):
 
 
 @dataclass
-class ModelSetup:
-    """The LoRA and quantization fields of a script's Args (`ModelSettings`), checked before anything is loaded.
-    Plain settings: common.lora (peft) is imported only where a run asks for LoRA."""
-
-    lora_r: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_target_modules: tuple[str, ...] | None = None
-    critic: str | None = None
-    merge_lora: bool = False
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
+class ModelSetup(ModelSettings):
+    """A run's model set-up (the fields of `ModelSettings`, read from its Args) with the LoRA and quantization checks,
+    made before anything is loaded. Plain settings: common.lora (peft) is imported only where a run asks for LoRA."""
 
     @classmethod
     def from_args(cls, args) -> "ModelSetup":
