@@ -137,6 +137,10 @@ class Args:
     keep_policy: bool = False
     """keep a finished run's final policy (policy/: with LoRA only the adapter) besides """ + ", ".join(KEPT) + """,
     for --rescore; not its checkpoint, critic or TensorBoard files"""
+    share_start_eval: bool = True
+    """a fresh run copies its start's evaluations from a finished run of the same task in --runs-dir that made
+    them (the scripts' --start-eval-from, which checks that the start and the evaluation settings are the same;
+    where they are not, the run evaluates its own): a grid's runs share one start, evaluated once"""
     rescore: bool = False
     """evaluate the kept policies (run folders with policy/) of the grid's finished runs again, without training:
     with --rescore-decoding on --rescore-samples validation prompts, and the start model the same way; written to
@@ -213,8 +217,20 @@ def run_name(task, algo, guide, seed):
     return f"{algo}-{guide.strip('-') or 'none'}-{task}-seed{seed}"
 
 
-def run_command(args: Args, task, algo, guide, seed) -> list[str]:
-    """The script's command line for one run: a fresh start, or --resume from the run's last checkpoint."""
+def start_eval_source(args: Args, task, run_dir: Path) -> Path | None:
+    """--share-start-eval: the first finished run of `task` in the grid's order that evaluated its own start."""
+    for t, algo, guide, seed in configs(args):
+        other = Path(args.runs_dir) / run_name(t, algo, guide, seed)
+        if t != task or other == run_dir or not (other / "eval.json").exists():
+            continue
+        if "start_copied_from" not in json.loads((other / "eval.json").read_text()).get("evaluation", {}):
+            return other
+    return None
+
+
+def run_command(args: Args, task, algo, guide, seed, share_start_eval: bool = True) -> list[str]:
+    """The script's command line for one run: a fresh start (with --share-start-eval, copying the start's
+    evaluations of another run), or --resume from the run's last checkpoint."""
     run_dir = Path(args.runs_dir) / run_name(task, algo, guide, seed)
     cmd = [sys.executable, str(ROOT / f"{algo}.py"), "--task", task, "--seed", str(seed)]
     if (run_dir / "checkpoint.pt").exists():
@@ -223,6 +239,9 @@ def run_command(args: Args, task, algo, guide, seed) -> list[str]:
         if run_dir.exists():  # a run killed before its first checkpoint: nothing to keep, and a new run refuses it
             shutil.rmtree(run_dir)
         cmd += ["--output-dir", args.runs_dir, "--run-name", run_dir.name]
+        source = start_eval_source(args, task, run_dir) if args.share_start_eval and share_start_eval else None
+        if source is not None:
+            cmd += ["--start-eval-from", str(source)]
     if args.policy_model:
         cmd += ["--policy-model", args.policy_model]
     if guide != "-":
@@ -271,16 +290,19 @@ def _run_locked(args: Args, task, algo, guide, seed) -> bool:
         return True
     if run_dir.is_dir() and not args.keep_weights:  # an interrupted run: only its checkpoint matters
         prune_run(run_dir, finished=False)
-    cmd = run_command(args, task, algo, guide, seed)
-    print(f"[{time.strftime('%H:%M:%S')}] start {' '.join(cmd[1:])}", flush=True)
-    t0 = time.time()
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    res = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    if res.returncode != 0:
-        print(f"  {run_dir.name} failed ({res.returncode}): "
-              f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ''}", flush=True)
-        return False
+    t0 = time.time()
+    for share in (True, False):
+        cmd = run_command(args, task, algo, guide, seed, share_start_eval=share)
+        print(f"[{time.strftime('%H:%M:%S')}] start {' '.join(cmd[1:])}", flush=True)
+        res = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        last = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ""
+        if res.returncode == 0:
+            break
+        print(f"  {run_dir.name} failed ({res.returncode}): {last}", flush=True)
+        if not ("--start-eval-from" in cmd and last.startswith("error: --start-eval-from")):
+            return False  # else: once more, evaluating its own start
     if not args.keep_weights:
         prune_run(run_dir, keep_policy=args.keep_policy)
     print(f"[{time.strftime('%H:%M:%S')}] {run_dir.name} done in {time.time() - t0:.0f}s", flush=True)

@@ -128,8 +128,14 @@ class Run:
                  f"{rt.describe_params(self.policy)} params, {self.world} process(es) on "
                  f"{self.device}; run folder {self.run_dir}")
         self.started = True
-        self.first_eval = ((ck["first_eval"] if args.resume else rt.evaluate_start(self._evaluate, start - 1))
-                           if self.evaluates else None)
+        if not self.evaluates:
+            self.first_eval = None
+        elif args.resume:
+            self.first_eval = ck["first_eval"]
+        elif args.start_eval_from:  # another run's evaluations of the same start
+            self.first_eval = rt.copied_start_eval(args, self.logger, self.final_val is not self.val)
+        else:
+            self.first_eval = rt.evaluate_start(self._evaluate, start - 1)
         self.progress = rt.progress_bar(range(start, args.iterations + 1), enabled=self.rank == 0)
         for it in self.progress:
             self.t_iter, self.times = time.time(), {}

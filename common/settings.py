@@ -78,6 +78,8 @@ class RunSettings(metaclass=NotesGiven):
     """beams of --eval-decoding beam (the official code's 5)"""
     final_eval_samples: int | None = None
     """prompts of the final evaluation (and the start's it is compared with); 0 = all; None = --eval-samples"""
+    start_eval_from: str | None = None
+    """run folder of a run with the same start policy and evaluation settings: its start evaluations are copied"""
     rebuild_models: bool = False
     """build the task's embedded models again instead of loading them from the cache (RLGF_CACHE_DIR)"""
 

@@ -4,6 +4,7 @@ benchmarks/throughput.py: one floor per counted iteration, of its own work."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -258,3 +259,43 @@ def test_compare_to_names_keys_only_the_rerun_has_apart_from_differences(tmp_pat
                           compare_to=str(tmp_path / "a"))
     assert reproduce.compare_runs(args) == {"ppo-none-imdb-seed1": ["/eval/evaluation: only after"]}
     assert "the same numbers (keys only in the rerun: /eval/evaluation)" in capsys.readouterr().out
+
+
+def test_a_grid_run_copies_the_start_evaluations_of_a_finished_run_and_falls_back_to_its_own(tmp_path, monkeypatch):
+    """--share-start-eval: a fresh run gets --start-eval-from the first finished run of its task that evaluated
+    its own start (not one that copied it, not another task's); one refused by the script runs again without."""
+    args = reproduce.Args(tasks=["commongen", "imdb"], seeds=[1, 2], algos=["ppo"], runs_dir=str(tmp_path))
+    name = lambda task, seed: reproduce.run_name(task, "ppo", "-", seed)  # noqa: E731
+    def finished(task, seed, copied=None):
+        run = tmp_path / name(task, seed)
+        run.mkdir()
+        (run / "eval.json").write_text(json.dumps({"evaluation": {"start_copied_from": copied} if copied else {}}))
+        return run
+    cmd = reproduce.run_command(args, "commongen", "ppo", "-", 2)
+    assert "--start-eval-from" not in cmd  # nothing finished yet: the run evaluates its own start
+    finished("commongen", 2, copied="x")
+    finished("imdb", 1)
+    assert "--start-eval-from" not in reproduce.run_command(args, "commongen", "ppo", "-", 3)
+    source = finished("commongen", 1)
+    cmd = reproduce.run_command(args, "commongen", "ppo", "-", 3)
+    assert cmd[cmd.index("--start-eval-from") + 1] == str(source)
+    assert "--start-eval-from" not in reproduce.run_command(args, "commongen", "ppo", "-", 3, share_start_eval=False)
+    args.share_start_eval = False
+    assert "--start-eval-from" not in reproduce.run_command(args, "commongen", "ppo", "-", 3)
+    args.share_start_eval = True
+    calls = []
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        refused = "--start-eval-from" in cmd
+        err = "error: --start-eval-from x: that run's start was evaluated with other settings" if refused else ""
+        if not refused:
+            (tmp_path / name("commongen", 3) / "eval.json").parent.mkdir(exist_ok=True)
+        return subprocess.CompletedProcess(cmd, 2 if refused else 0, "", err)
+    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
+    monkeypatch.setattr(reproduce, "prune_run", lambda *a, **k: None)
+    assert reproduce._run_locked(args, "commongen", "ppo", "-", 3)
+    assert ["--start-eval-from" in c for c in calls] == [True, False]
+    calls.clear()  # any other failure is not retried
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 1, "", "RuntimeError: boom"))
+    assert not reproduce._run_locked(args, "commongen", "ppo", "-", 4) and len(calls) == 1

@@ -24,6 +24,7 @@ import ppo_plus_plus
 from common import presets
 from common import runtime as rt
 from common.errors import UsageError
+from common.settings import finish_settings
 from common.models import load_causal_lm, load_tokenizer
 from common.tasks import get_task
 
@@ -167,6 +168,49 @@ def test_evaluation_settings_change_no_training_number_and_say_what_they_used(ra
     assert abs(first["kl"]) < 1e-4  # before training the policy is the reference
     sampled = json.loads((tmp_path / "sample" / "eval.json").read_text())["evaluation"]
     assert sampled["decoding"] == "sample" and sampled["periodic_prompts"] == sampled["final_prompts"] == 2
+
+
+@needs_data
+def test_start_eval_from_copies_the_start_evaluations_and_changes_no_training_number(ragged, tmp_path, monkeypatch):
+    """--start-eval-from: a run copies another run's step-0 evaluations (periodic and final prompts) instead of
+    evaluating its start; its training rows, later evaluations and eval.json's numbers are the other run's, number
+    for number (evaluate restores the random streams), and eval.json says where the start's came from. Settings
+    that decide the start's evaluation, a folder without a start evaluation: one-line errors before any model."""
+    kw = dict(eval_decoding="beam", eval_num_beams=3, final_eval_samples=3)
+    first, final = ppo.main(_ppo_args(ragged, tmp_path, "a", **kw))
+    made = []
+    real = rt.evaluate
+    monkeypatch.setattr(rt, "evaluate", lambda *a, **k: made.append(k["step"]) or real(*a, **k))
+    first_b, final_b = ppo.main(_ppo_args(ragged, tmp_path, "b", start_eval_from=str(tmp_path / "a"), **kw))
+    assert 0 not in made and made  # the start was not evaluated; the later evaluations were
+    assert first_b == first and final_b == final
+    assert _training(tmp_path / "b") == _training(tmp_path / "a")
+    drop_time = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]  # noqa: E731
+    assert drop_time(_lines(tmp_path / "b")) == drop_time(_lines(tmp_path / "a"))
+    saved_a, saved_b = (json.loads((tmp_path / r / "eval.json").read_text()) for r in "ab")
+    assert saved_b["evaluation"] == {**saved_a["evaluation"], "start_copied_from": str(tmp_path / "a")}
+    assert (saved_b["initial"], saved_b["final"]) == (saved_a["initial"], saved_a["final"])
+    for change, words in ((dict(eval_num_beams=2), ["(--eval-num-beams 3, not 2)"]),
+                          (dict(final_eval_samples=4), ["(--final-eval-samples 3, not 4)"])):
+        with pytest.raises(UsageError) as e:
+            finish_settings(_ppo_args(ragged, tmp_path, "c", start_eval_from=str(tmp_path / "a"),
+                                      **{**kw, **change}), "ppo")
+        assert all(w in str(e.value) for w in words), str(e.value)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "args.json").write_text((tmp_path / "a" / "args.json").read_text())
+    (tmp_path / "empty" / "metrics.jsonl").write_text("")
+    for src, words in ((tmp_path / "nowhere", ["cannot read"]), (tmp_path / "empty", ["no evaluation at step 0"])):
+        with pytest.raises(UsageError) as e:
+            finish_settings(_ppo_args(ragged, tmp_path, "c", start_eval_from=str(src), **kw), "ppo")
+        assert all(w in str(e.value) for w in words), str(e.value)
+    half = tmp_path / "half"  # stopped after the start's periodic evaluation, before the final prompts'
+    half.mkdir()
+    (half / "args.json").write_text((tmp_path / "a" / "args.json").read_text())
+    (half / "metrics.jsonl").write_text("".join(l + "\n" for l in (tmp_path / "a" / "metrics.jsonl").read_text()
+                                                .splitlines() if "final_eval/" not in l))
+    with pytest.raises(UsageError, match="no evaluation on the final prompts"):
+        rt.copied_start_eval(finish_settings(_ppo_args(ragged, tmp_path, "c", start_eval_from=str(half), **kw),
+                                             "ppo"), None, final_differs=True)
 
 
 @pytest.mark.whole_final_split

@@ -87,7 +87,7 @@ def test_every_field_is_documented_and_concrete():
     shows its value in --help)."""
     may_be_none = {"policy_model", "reward_model", "kl_target", "data_dir", "run_name", "resume", "save_interval",
                    "micro_batch_size", "lora_target_modules", "critic", "guide_model", "guide_model_name",
-                   "guide_cache", "guide_extra_body", "final_eval_samples", "critic_lr"}
+                   "guide_cache", "guide_extra_body", "final_eval_samples", "critic_lr", "start_eval_from"}
     for mod in SCRIPTS:
         docs = field_docs(mod.Args)
         for f in dataclasses.fields(mod.Args):
