@@ -417,6 +417,40 @@ def test_separate_critic_and_gradient_checkpointing_with_lora(llama, tmp_path):
     assert len(_train(tmp_path / "c" / "run")) == 2
 
 
+@needs_data
+def test_reference_head_critic_with_lora_reads_the_frozen_base(llama, tmp_path):
+    """--critic reference-head with a LoRA policy: the critic is a value head alone; the states it reads are the
+    base model's with the adapter off (the reference), also after the adapter has trained; the run trains the
+    head and the adapter and nothing of the base."""
+    from transformers import AutoModelForCausalLM
+
+    from common.generation import ReferenceHeadValue, forward_response, left_pad, right_pad
+    from common.harness import Run
+    from common.settings import finish_settings
+
+    with pytest.MonkeyPatch.context() as mp:
+        spy = Spy(mp)
+        ppo.main(_args(ppo, "commongen", llama(), tmp_path / "a", critic="reference-head", lr=1e-2))
+    tok, policy, ref, critic = spy.built[0]
+    assert type(critic) is ReferenceHeadValue and critic.head.weight.abs().sum() > 0  # trained from its zero start
+    train = _train(tmp_path / "a" / "run")
+    assert len(train) == 2 and all(math.isfinite(r["value/explained_variance"]) for r in train)
+    base = AutoModelForCausalLM.from_pretrained(str(llama()))
+    trained = torch.load(tmp_path / "a" / "run" / "critic.pt", map_location="cpu")
+    assert set(trained) == {"head.weight", "head.bias"}
+    qi, qm = left_pad([[5, 6, 7, 8], [9, 10]], tok.pad_token_id)
+    ri, rm = right_pad([[11, 12, 13], [14]], tok.pad_token_id)
+    kw = dict(eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, min_new_tokens=0)
+    with torch.no_grad():
+        _, hidden = forward_response(ref, qi, qm, ri, rm, with_hidden=True, **kw)
+        _, expected = forward_response(base, qi, qm, ri, rm, with_hidden=True, **kw)
+        _, moved = forward_response(policy, qi, qm, ri, rm, with_hidden=True, **kw)
+    assert torch.allclose(hidden, expected, atol=1e-5) and not torch.allclose(moved, expected, atol=1e-3)
+    args = finish_settings(_args(ppo, "commongen", llama(), tmp_path / "b", critic="reference-head"), "ppo")
+    with Run(args, "ppo") as run:  # no critic adapter or copy: the head is the critic's only parameters
+        assert run.critic_reads_ref and sum(p.numel() for p in run.critic.parameters()) == run.ref.config.hidden_size + 1
+
+
 # ---------------------------------------------------------------------------------------------------
 # every script, every task, tiny LoRA, 2 iterations; the first minibatch's ratio is 1
 # ---------------------------------------------------------------------------------------------------

@@ -193,6 +193,25 @@ def test_fsdp_two_processes_match_ddp_save_and_resume(tiny_model, tmp_path):
     assert torch.load(tmp_path / "checkpoint-1.pt", weights_only=True)["iteration"] == 1
 
 
+@needs_data
+@pytest.mark.parametrize("decoding", ["greedy", "beam"])
+def test_fsdp_two_processes_evaluate_with_generate_as_ddp(tiny_model, tmp_path, decoding):
+    """torchrun, 2 processes: greedy and beam evaluations of a sharded policy (generate with every process
+    taking part in every step) give DDP's evaluation numbers, periodic and final."""
+    common = ["--task", "tldr", "--policy-model", str(tiny_model("tldr")), "--prompt-tokens", "48",
+              "--rollouts-per-iteration", "4", "--minibatch-size", "2", "--n-epochs", "1", "--eval-samples", "2",
+              "--final-eval-samples", "3", "--eval-interval", "1", "--iterations", "1", "--output-dir", str(tmp_path),
+              "--eval-decoding", decoding, "--eval-num-beams", "3"]
+    _torchrun("ppo.py", *common, "--run-name", "ddp")
+    _torchrun("ppo.py", *common, "--run-name", "fsdp", "--fsdp")
+    evals = {name: [r for r in _jsonl(tmp_path / name / "metrics.jsonl") if "eval/reward" in r or
+                    "final_eval/reward" in r] for name in ("ddp", "fsdp")}
+    assert [r["step"] for r in evals["fsdp"]] == [0, 0, 1, 1]
+    _assert_same_metrics(evals["ddp"], evals["fsdp"])
+    saved = json.loads((tmp_path / "fsdp" / "eval.json").read_text())
+    assert saved["evaluation"]["decoding"] == decoding and saved["final"]["prompts"] == 3
+
+
 
 
 @needs_data
