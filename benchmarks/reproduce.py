@@ -859,8 +859,12 @@ def report(args: Args):
         for (_, algo, guide), runs in by_algo(cells):
             lines.append(f"| {algo} | {guide} | " + " | ".join(fmt([r["diag"][k] for r in runs]) for k in diag_keys) + " |")
         lines.append("")
-        levels = {m: [(f"the guide alone ({kind})", guides[f"{task}/{kind}"].get(m)) for kind in kinds
-                      if f"{task}/{kind}" in guides] + [("the start model", mean_se([i.get(m) for i in init]))]
+        def on(n):  # the prompts a level was scored on
+            return f", {n:.0f} prompts" if n else ""
+        levels = {m: [(f"the guide alone ({kind}{on(guides[f'{task}/{kind}'].get('prompts'))})",
+                       guides[f"{task}/{kind}"].get(m)) for kind in kinds if f"{task}/{kind}" in guides]
+                  + [(f"the start model{on(init[0].get('prompts') if init else None)}",
+                      mean_se([i.get(m) for i in init]))]
                   for m in key}
         plot(task, cells, out / f"{task}.png", key, levels)
     readme = out / "README.md"
@@ -874,7 +878,9 @@ def plot(task, cells, path: Path, metrics=("reward",), levels: dict | None = Non
     """One panel per metric: each configuration's mean over seeds, and a band from the lowest to the highest seed
     at each evaluation (so the spread between seeds is visible next to the differences between algorithms);
     `levels`: metric -> [(name, value or (mean, SE))], drawn as labelled horizontal lines (the guides alone, the
-    start model as eval.json scored it)."""
+    start model as eval.json scored it). Where the runs' final evaluation used other prompts than the curves (the
+    paper's protocol: the whole split), each configuration's final value is a star at the last iteration, its
+    bar from the lowest to the highest seed: the levels compare with the stars, not with the curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -883,6 +889,7 @@ def plot(task, cells, path: Path, metrics=("reward",), levels: dict | None = Non
     ncols = min(2, len(metrics))
     nrows = -(-len(metrics) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.2 * nrows), squeeze=False)
+    final_note, curve_note = "", "band: min to max"
     for ax, metric in zip(axes.flat, metrics):
         for i, ((_, algo, guide), runs) in enumerate(by_algo(cells)):
             curves = [dict(r["curves"].get(metric, [])) for r in runs]
@@ -894,6 +901,14 @@ def plot(task, cells, path: Path, metrics=("reward",), levels: dict | None = Non
                     ls="-" if guide != "rule" else "--")
             if len(runs) > 1:
                 ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.12, lw=0)
+            how = runs[0].get("evaluation", {})
+            finals = [r["final"].get(metric) for r in runs]
+            if how.get("final_prompts") not in (None, how.get("periodic_prompts")) and None not in finals and steps:
+                mean = float(np.mean(finals))
+                ax.errorbar([steps[-1] + 0.4 * (i + 1)], [mean], yerr=[[mean - min(finals)], [max(finals) - mean]],
+                            fmt="*", ms=9, color=color, capsize=2, lw=0.9)
+                final_note = f"; stars: the final evaluation on {how['final_prompts']} prompts"
+                curve_note = f"curves on {how['periodic_prompts']} prompts"
         for j, (name, value) in enumerate((levels or {}).get(metric, [])):
             value = value[0] if isinstance(value, tuple) else value
             if value is not None and np.isfinite(value):
@@ -901,8 +916,10 @@ def plot(task, cells, path: Path, metrics=("reward",), levels: dict | None = Non
                            label=f"{name}: {value:.3f}")
         ax.set_xlabel("iteration")
         ax.set_ylabel(f"validation {metric}")
-        ax.set_title(f"{task}: {metric}, mean over seeds (band: min to max)")
+        ax.set_title(f"{task}: {metric}, mean over seeds ({curve_note})", fontsize=10)
     axes[0][0].legend(fontsize=7)
+    if final_note:
+        fig.suptitle(f"bands: the lowest to the highest seed{final_note}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
