@@ -19,5 +19,6 @@ EXTRAS = {
                "--reward-model",
     "fsdp.py": "--fsdp",
     "server_guide.py": "--guide http://HOST:PORT/v1",
+    "resume.py": "--resume RUN_DIR",
 }
 """module -> the flags that import it"""

@@ -103,20 +103,11 @@ class Run:
         """Yield the iteration numbers still to run; before each, set the learning rate; after each, evaluate and
         checkpoint when due. `state`: the script's own objects that checkpoints carry (by name)."""
         args, start, ck, state = self.args, 1, None, {**state, **self.streams}
-        if args.resume:
-            ck = rt.load_checkpoint(self.run_dir, self.algo)
-            missing = [k for k in ("policy", "optimizer", "sampler", "rng", *self.critics, *state) if k not in ck]
-            if missing:
-                raise rt.UsageError(f"--resume {self.run_dir}: its checkpoint.pt has no {', '.join(missing)} (written "
-                                    f"by another version of {self.algo}.py): start a new run")
-            self.policy.load_state_dict(ck["policy"])
-            for name, critic in self.critics.items():
-                critic.load_state_dict(ck[name])
-            self.optimizer.load_state_dict(ck["optimizer"]), self.sampler.load_state_dict(ck["sampler"])
-            for name, obj in state.items():
-                _set_state(obj, ck[name])
+        if args.resume:  # the models, optimiser, sampler, `state` and random states of the last checkpoint
+            from common.resume import restore
+
+            ck = restore(self, state)
             start = ck["iteration"] + 1
-            rt.set_rng_state(ck["rng"])
         self.policy_t, *critics_t = rt.wrap_for_training([self.policy, *self.critics.values()], self.optimizer,
                                                          self.world, args.fsdp)
         self.critics_t = dict(zip(self.critics, critics_t))  # what trains: the DDP / FSDP handles
@@ -285,8 +276,3 @@ def _get_state(obj):
     return dict(vars(obj))
 
 
-def _set_state(obj, saved):
-    if isinstance(obj, random.Random):
-        obj.setstate(rt.own_rank(saved))
-    else:
-        vars(obj).update(saved)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import dataclasses
 import hashlib
 import json
 import math
@@ -651,6 +650,8 @@ class RunLogger:
         self.writer = SummaryWriter(str(run_dir), purge_step=resume_from)
         jsonl = run_dir / "metrics.jsonl"
         if resume_from is not None and jsonl.exists():
+            from common.resume import metrics_to_keep
+
             jsonl.write_text("".join(l + "\n" for l in metrics_to_keep(jsonl, resume_from)))
         cfg = {"script": algo, **asdict(args)}  # the script, so that --resume refuses another script's folder
         (run_dir / "args.json").write_text(json.dumps(cfg, indent=1, default=str))
@@ -680,31 +681,6 @@ class RunLogger:
             handle = self.__dict__.pop(name, None) if self.enabled else None
             if handle is not None:
                 handle.close()
-
-
-def metrics_to_keep(jsonl: Path, resume_from: int) -> list[str]:
-    """The lines of a resumed run's metrics.jsonl that stay: those of steps before `resume_from` (later ones are
-    redone). A line that is not a whole JSON record (a kill or a full disk cuts the last one short) is dropped,
-    said in one line. Where every iteration was done (a run stopped while writing its results), the final
-    evaluation's line goes too: the resumed run logs it again."""
-    keep, damaged = [], []
-    for n, line in enumerate(jsonl.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            step = rec["step"]
-            assert isinstance(rec, dict) and isinstance(step, int)
-        except (ValueError, KeyError, TypeError, AssertionError):
-            damaged.append(n)
-            continue
-        if step < resume_from and not (step == resume_from - 1 == _RUN.get("iterations")
-                                       and all(k == "step" or k.startswith("eval/") for k in rec)):
-            keep.append(line)
-    if damaged:
-        print(f"{jsonl}: dropped {len(damaged)} incomplete line(s) (line {', '.join(map(str, damaged))}), as a kill "
-              "or a full disk leaves them; their steps are logged again if they are redone")
-    return keep
 
 
 def report(before: dict, after: dict, run_dir: Path, file=sys.stdout, protocol: dict | None = None):
@@ -826,58 +802,7 @@ def check_models(args, setup: ModelSetup | None = None) -> None:
             check_targets(setup, skeleton, policy or f"the embedded {args.task} policy")
 
 
-_BEFORE_EVAL_SETTINGS = {"eval_decoding": lambda old: "sample",
-                         "final_eval_samples": lambda old: old.get("eval_samples")}
-"""a run whose args.json predates these settings evaluated this way: resumed, it goes on evaluating so"""
-RESUME_MAY_CHANGE = ("iterations", "eval_interval", "save_interval", "sample_rows", "device", "micro_batch_size",
-                     "gradient_checkpointing", "data_dir", "slow_metrics", "keep_checkpoint", "rebuild_models")
-"""settings a resumed run may change (one printed line says which); any other that differs is refused"""
-_RESUME_IGNORED = ("resume", "output_dir", "run_name")  # where the run is: --resume names the folder
 _CLI_GIVEN: set | None = None  # the fields named on the command line (set by `cli`)
-
-
-def resume_settings(args, algo: str):
-    """With --resume: the run's own settings from its args.json. A flag given again that differs from the run's
-    value is taken where it is in RESUME_MAY_CHANGE (said in one line) and refused otherwise; a flag not given
-    takes the run's value. A flag counts as given when it differs from the field's default or was named on the
-    command line. A folder written by another script is refused."""
-    if not args.resume:
-        return args
-    run_dir = Path(args.resume)
-    saved = run_dir / "args.json"
-    if not saved.is_file():
-        raise UsageError(f"--resume {run_dir}: no args.json there; --resume takes the folder of a run this project wrote")
-    try:
-        old = json.loads(saved.read_text())
-        assert isinstance(old, dict)
-    except (ValueError, AssertionError, UnicodeDecodeError):
-        raise UsageError(f"--resume {run_dir}: its args.json is damaged (not a JSON object)") from None
-    if old.get("script") != algo:
-        made_by = f"{old['script']}.py" if old.get("script") else "another program"
-        raise UsageError(f"--resume {run_dir}: that run was made by {made_by}, not {algo}.py: resume it with "
-                         f"the script that made it")
-    from common.settings import given_fields
-
-    updates, changed, given_now = {}, [], given_fields(args)
-    for f in dataclasses.fields(args):
-        k = f.name
-        if k in _BEFORE_EVAL_SETTINGS and k not in old:
-            old[k] = _BEFORE_EVAL_SETTINGS[k](old)
-        if k in _RESUME_IGNORED or k not in old:
-            continue
-        new, was = getattr(args, k), old[k]
-        given = k in given_now
-        if not given or new == was:
-            updates[k] = was
-        elif k in RESUME_MAY_CHANGE:
-            updates[k] = new
-            changed.append(f"{_flag(k)} {new} (was {was})")
-        else:
-            raise UsageError(f"--resume {run_dir}: {_flag(k)} was {was!r} in that run, not {new!r}; a resumed run "
-                             f"keeps its settings (may change: {', '.join(_flag(c) for c in RESUME_MAY_CHANGE)})")
-    if changed and int(os.environ.get("RANK", "0")) == 0:
-        print(f"resuming {run_dir} with its own settings, except " + ", ".join(changed))
-    return dataclasses.replace(args, **updates)
 
 
 def run_dir_of(args, algo: str, task: str, rank: int = 0) -> Path:
@@ -1093,48 +1018,6 @@ def save_checkpoint(path: Path, state: dict):
             run.checkpoint = state["iteration"]
 
 
-def load_checkpoint(run_dir: Path, algo: str) -> dict:
-    """The last checkpoint of `run_dir`, loaded with `weights_only=True`: tensors and plain Python values only,
-    so a file that would run code when unpickled is refused, as is a damaged one (one line each)."""
-    path = run_dir / "checkpoint.pt"
-    if not path.is_file():
-        raise UsageError(f"--resume {run_dir}: no checkpoint.pt there (a finished run deletes it unless run with "
-                         "--keep-checkpoint; a run stopped before its first checkpoint has none)")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"--resume {run_dir}: checkpoint.pt cannot be loaded safely ({type(e).__name__}): it is "
-                         "damaged or was not written by this project") from None
-    if not isinstance(ck, dict) or ck.get("script") != algo or "iteration" not in ck:
-        made_by = ck.get("script") if isinstance(ck, dict) else None
-        raise UsageError(f"--resume {run_dir}: checkpoint.pt was " + (f"written by {made_by}.py, not {algo}.py"
-                         if made_by else "not written by this project"))
-    check_resume_iterations(run_dir, ck["iteration"], _RUN.get("iterations"))
-    run = current_run()
-    if run is not None:
-        run.checkpoint = ck["iteration"]
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"resumed from iteration {ck['iteration']}")
-    return ck
-
-
-def check_resume_iterations(run_dir: Path, done: int, iterations: int | None) -> None:
-    """--resume with `iterations` in all: fewer than the `done` ones is refused; as many is allowed only where
-    the run stopped after its last iteration, before writing its results (that resume writes them); a finished run
-    (eval.json written after the checkpoint) is complete."""
-    if iterations is None:
-        return
-    more = f"give --iterations above {done} to train it further"
-    if iterations < done:
-        raise UsageError(f"--resume {run_dir}: the run has done {done} iterations, more than --iterations "
-                         f"{iterations}: {more}")
-    result = run_dir / "eval.json"
-    if iterations == done and result.is_file() and \
-            result.stat().st_mtime_ns >= (run_dir / "checkpoint.pt").stat().st_mtime_ns:
-        raise UsageError(f"--resume {run_dir}: the run is already complete ({done} iterations; results in "
-                         f"eval.json and policy/): {more}")
-
-
 def per_rank(state):
     """`state` of every process, a list by rank, under torchrun (every process must call it): each process
     samples its own rollouts, so a resumed run needs each one's random state. One process: `state`."""
@@ -1145,14 +1028,6 @@ def per_rank(state):
     return out
 
 
-def own_rank(saved):
-    """This process's entry of what `per_rank` saved; a one-process checkpoint's state as it is (a run resumed
-    on another number of processes continues, with other random numbers)."""
-    if not isinstance(saved, list):
-        return saved
-    return saved[_rank()] if len(saved) == (dist.get_world_size() if dist.is_initialized() else 1) else saved[0]
-
-
 def rng_state():
     """The global generators' states, per process (`per_rank`: every process calls it), in the plain forms
     `torch.load(weights_only=True)` accepts."""
@@ -1161,15 +1036,6 @@ def rng_state():
     return per_rank({"python": [py[0], list(py[1]), py[2]], "torch": torch.random.get_rng_state(),
                      "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
                                "gauss": float(gauss)}})
-
-
-def set_rng_state(s):
-    s = own_rank(s)
-    py = s["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = s["numpy"]
-    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.random.set_rng_state(s["torch"])
 
 
 def interrupted(e: KeyboardInterrupt, run_dir: Path, rank: int, algo: str, save_policy, resumed: bool):

@@ -22,6 +22,7 @@ from conftest import DATA, needs_data
 import ppo
 import ppo_plus_plus
 from common import presets
+from common import guides, resume
 from common import runtime as rt
 from common.errors import UsageError
 from common.settings import finish_settings
@@ -260,7 +261,7 @@ def test_a_resumed_run_from_before_these_settings_keeps_evaluating_as_it_did(tmp
            if k not in ("eval_decoding", "eval_num_beams", "final_eval_samples")}
     (tmp_path / "args.json").write_text(json.dumps({"script": "ppo", **old}))
     monkeypatch.setattr(rt, "_CLI_GIVEN", set())
-    args = rt.resume_settings(ppo.Args(resume=str(tmp_path)), "ppo")
+    args = resume.resume_settings(ppo.Args(resume=str(tmp_path)), "ppo")
     assert (args.eval_decoding, args.final_eval_samples, args.eval_samples) == ("sample", 100, 100)
 
 
