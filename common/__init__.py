@@ -20,5 +20,6 @@ EXTRAS = {
     "fsdp.py": "--fsdp",
     "server_guide.py": "--guide http://HOST:PORT/v1",
     "resume.py": "--resume RUN_DIR",
+    "seq2seq.py": "an encoder-decoder --policy-model or --guide-model (T5, BART)",
 }
 """module -> the flags that import it"""

@@ -449,12 +449,14 @@ def search(model, queries: list[list[int]], *, num_beams: int, max_new_tokens: i
     other decoding setting is given explicitly, so a model's own generation_config changes nothing. Prompts go
     in left-padded (an encoder-decoder model's encoder gets them left-aligned); each response ends at its EOS
     (included). Under FSDP every process takes part in every step (`synced_gpus`)."""
-    from common.generation import _autocast, is_seq2seq, left_to_right_aligned
+    from common.generation import _autocast, is_seq2seq
 
     lm, active = _generation_model(model)
     ids, mask = left_pad(queries, pad_id, device)
     seq2seq = is_seq2seq(lm)
     if seq2seq:
+        from common.seq2seq import left_to_right_aligned
+
         ids, mask = left_to_right_aligned(ids, mask)
     synced = is_sharded(lm) and dist.is_initialized() and dist.get_world_size() > 1
     with active, _autocast(ids.device):
