@@ -67,10 +67,12 @@ class Run:
         self.critic_reads_ref = any(c.reads_reference for c in self.critics.values())
         self.guide = None
         if guide:  # after the policy: a LoRA policy's start model as guide is its base with the adapter off
-            self.guide = rt.build_guide(
+            from common import guides
+
+            self.guide = guides.build_guide(
                 args.guide, task, guide_path, None, self.device, top_p=args.guide_top_p, top_k=args.guide_top_k,
                 temperature=args.guide_temperature, min_new_tokens=args.min_new_tokens, policy=self.policy,
-                setup=setup, server=rt.server_options(args), chat_template=args.chat_template)
+                setup=setup, server=guides.server_options(args), chat_template=args.chat_template)
         self.args = args = dataclasses.replace(args, chat_template="on" if self.tok.chat_format else "off")
         self.reward_fn = rt.make_reward(task, args.reward_model, self.train, self.device, self.info, setup=setup)
         trained = [self.policy, *self.critics.values()]

@@ -274,8 +274,8 @@ def test_the_learner_guide_samples_the_current_weights(tmp_path):
     path = build_tiny("commongen", tmp_path / "m", seed=5)
     tok = load_tokenizer(str(path))
     policy = load_causal_lm(str(path), tok, torch.device("cpu"))
-    guide = rt.build_guide("learner", task, None, None, "cpu", top_p=0.92, top_k=0, temperature=1.0,
-                           min_new_tokens=2, policy=policy)
+    guide = guides.build_guide("learner", task, None, None, "cpu", top_p=0.92, top_k=0, temperature=1.0,
+                               min_new_tokens=2, policy=policy)
     assert guide.model is policy and guide.top_p == 0.92
     assert all(p.requires_grad for p in policy.parameters())  # still trained: the guide freezes nothing
     prompts = [e.prompt for e in task.load("validation", str(DATA), limit=4)]
@@ -289,8 +289,8 @@ def test_the_learner_guide_samples_the_current_weights(tmp_path):
     after = guide.complete(prompts, [""] * 4, [10] * 4)
     assert all(text == " the" * 10 for text, _ in after), after
     # a frozen model guide of the same start model does not follow the learner
-    frozen = rt.build_guide("model", task, str(path), None, "cpu", top_p=0.92, top_k=0, temperature=1.0,
-                            min_new_tokens=2, policy=policy)
+    frozen = guides.build_guide("model", task, str(path), None, "cpu", top_p=0.92, top_k=0, temperature=1.0,
+                                min_new_tokens=2, policy=policy)
     torch.manual_seed(0)
     assert frozen.complete(prompts, [""] * 4, [10] * 4) == before
 

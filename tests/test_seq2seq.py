@@ -326,7 +326,7 @@ def test_t5_resume_continues_with_the_same_numbers(t5, tmp_path):
     kw = dict(seed=2, beta=0.5, p_ppo_pp=0.5, lr=1e-3, lr_schedule="constant")
     model = t5("commongen")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rt, "build_guide", lambda *a, **k: one_token_guide())
+        mp.setattr(guides, "build_guide", lambda *a, **k: one_token_guide())
         mp.setattr(rt, "make_reward", lambda *a, **k: length_reward)
         lols.main(_args(lols, "commongen", model, tmp_path, run_name="full", iterations=4, **kw))
         lols.main(_args(lols, "commongen", model, tmp_path, run_name="part", iterations=2, keep_checkpoint=True, **kw))
