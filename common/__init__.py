@@ -21,5 +21,6 @@ EXTRAS = {
     "server_guide.py": "--guide http://HOST:PORT/v1",
     "resume.py": "--resume RUN_DIR",
     "seq2seq.py": "an encoder-decoder --policy-model or --guide-model (T5, BART)",
+    "chat_template.py": "--chat-template on, or auto (the default) with a model whose tokenizer has a chat template",
 }
 """module -> the flags that import it"""
