@@ -122,17 +122,9 @@ def wrap_for_training(models: list, optimizer, world: int, fsdp: bool = False) -
     torchrun, the model itself in one process; with `fsdp` the models sharded in place (common/fsdp.py) and
     `optimizer` pointed at their shards. Call it after a checkpoint is loaded into the (unsharded) models."""
     if fsdp:
-        from common.fsdp import shard
+        from common.fsdp import shard_for_training
 
-        if any(type(p).__name__ in ("Params4bit", "Int8Params") for m in models for p in m.parameters()):
-            raise UsageError("--fsdp does not shard 4-bit / 8-bit (bitsandbytes) weights: drop --fsdp (one GPU, or "
-                             "DDP with one model copy per GPU) or load the model unquantised")
-        if is_lora(models[0]):
-            from common.fsdp import shard_lora
-
-            shard_lora(models, optimizer, _RUN["device"], world)
-        else:
-            shard(models, optimizer, _RUN["device"], world)
+        shard_for_training(models, optimizer, _RUN["device"], world)
         return list(models)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -1126,21 +1118,9 @@ def save_final(policy, critic, tok, run_dir: Path):
     if policy_state is None:
         policy.save_pretrained(run_dir / "policy")
     else:
-        save_pretrained_unsharded(policy, policy_state, run_dir / "policy")
+        fsdp.save_pretrained_unsharded(policy, policy_state, run_dir / "policy")
     tok.save_pretrained(run_dir / "policy")
     torch.save(critic_state, run_dir / "critic.pt")
-
-
-def save_pretrained_unsharded(model, state: dict, path: Path) -> None:
-    """`save_pretrained` of a sharded model from its gathered full state dict; config.json names the model's
-    own class, not FSDP's wrapper class."""
-    from torch.distributed.fsdp import FSDPModule
-
-    own = next(c for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule))
-    model.save_pretrained(path, state_dict=state)
-    config = type(model.config).from_pretrained(path)
-    config.architectures = [own.__name__]
-    config.save_pretrained(path)
 
 
 def save_interrupted(policy, critic, tok, run_dir: Path) -> bool:

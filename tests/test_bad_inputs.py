@@ -88,7 +88,7 @@ def test_fsdp_full_state_dict_keeps_tied_weights_tied_and_saves_like_a_plain_mod
         fsdp.shard([model], None, torch.device("cpu"), 1)
         state = fsdp.full_state_dict(model)
         assert state["lm_head.weight"].data_ptr() == state["transformer.wte.weight"].data_ptr()
-        rt.save_pretrained_unsharded(model, state, tmp_path / "fsdp")
+        fsdp.save_pretrained_unsharded(model, state, tmp_path / "fsdp")
     finally:
         rt._RUN.update(fsdp=False)
         if dist.is_initialized():
