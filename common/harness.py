@@ -11,11 +11,12 @@
         return run.finish()                       # final evaluation, the trained policy, eval.json
 
 What the harness does, in order (`Run(...)`): claim the run folder, set up the device(s), load the data, build the
-policy, its frozen reference, the critic(s) (and the guide), the reward and the optimiser, all as
-`common/runtime.py` does it. `iterations(**state)` resumes from the checkpoint (the models, optimiser, prompt
-sampler, every random state and the script's own `state`: objects with plain attributes, or `random.Random`
-streams), wraps the models for DDP / FSDP, evaluates the start policy, then yields each iteration, after which it
-evaluates and checkpoints when due. The checkpoint's contents are written here once, for saving and resuming alike.
+policy, its frozen reference, the critic(s) (and the guide: common/guides.py), the reward and the optimiser, all
+as `common/runtime.py` does it. `iterations(**state)` resumes from the checkpoint under --resume (common/resume.py:
+the models, optimiser, prompt sampler, every random state and the script's own `state`: objects with plain
+attributes, or `random.Random` streams), wraps the models for DDP / FSDP, evaluates the start policy, then yields
+each iteration, after which it evaluates and checkpoints when due. The checkpoint's contents are written here once,
+for saving and resuming alike.
 """
 
 from __future__ import annotations
