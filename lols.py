@@ -32,7 +32,7 @@ import torch
 from common import runtime as rt
 from common.errors import one_line_errors
 from common.generation import decode, forward_response, left_pad, right_pad, sample, used_columns
-from common.guides import guide_continue
+from common.guides import guide_continue, mixed_rows
 from common.harness import Run, update_means
 from common.settings import GuideSettings, ModelSettings, RunSettings, cli, finish_settings
 
@@ -324,7 +324,7 @@ def main(args: Args):
                 "guide/guide_tokens": float((rm - learner).sum(1).mean()),
                 "guide/reward_guide_only": float(np.mean(guide_scores)) if guide_scores else float("nan"),
                 **({"loss/nll": upd["nll"]} if "nll" in upd else {})}
-            run.log(it, metrics, (f"train/samples ({phase})", ["prompt", table[0], table[1], "reward"], rt.mixed_rows(
+            run.log(it, metrics, (f"train/samples ({phase})", ["prompt", table[0], table[1], "reward"], mixed_rows(
                 [e.prompt for e in batch], decode(tok, table[2]), decode(tok, table[3]), scores.tolist())))
         return run.finish()  # final evaluation, the trained policy and critic, eval.json
 

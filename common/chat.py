@@ -1,21 +1,17 @@
-"""Chat-template prompts for instruct models (`--chat-template auto|on|off`).
-
-With the template on, the task's prompt is the user turn and the response is the assistant turn: a query is
-`before + task prompt ids + after`, where `before` holds whatever the template puts ahead of the user's text
-(e.g. a system turn and `<|im_start|>user\\n`) and `after` closes the user turn and opens the assistant's
-(`<|im_end|>\\n<|im_start|>assistant\\n`, the generation prompt). The token that ends the assistant turn
-(`<|im_end|>`) becomes the tokenizer's EOS: the learner samples it, is rewarded on it, and it is trained.
-
-The format travels with the tokenizer (`tok.chat_format`, set by `setup_chat`), so every place that encodes a
-prompt (sampling, the training forward, evaluation, the reference NLL) uses the same ids through
-`common.tasks.encode_prompt`, and the guide side can strip the template again (`task_ids`) to hand a guide the
-task's own text. Prompt truncation cuts the task text, never the template.
+"""The prompt format: the token ids around a task prompt in every query (`--chat-template auto|on|off`).
 
 With the template off, a query carries the special tokens the tokenizer itself puts around a text, as
 `tokenizer(text)` would: a leading BOS (Llama, Gemma) and, for an encoder-decoder model's encoder, the
 trailing EOS (T5's `</s>`, BART's `<s> ... </s>`). A causal model's query never ends in EOS (its response
 follows the query). Tokenizers that add nothing (GPT-2, SmolLM2, the embedded models) get the plain ids.
-The format in use is `tok.prompt_format`; `tok.chat_format` is the template's (None when off).
+
+With a chat template on (instruct models; common/chat_template.py, imported only then) the task's prompt is the
+user turn and the response the assistant turn, and the token that ends the assistant turn becomes the EOS.
+
+The format travels with the tokenizer (`setup_chat`): `tok.prompt_format` is the one in use, `tok.chat_format` the
+template's (None when off). Every place that encodes a prompt (sampling, the training forward, evaluation, the
+reference NLL) uses the same ids through `common.tasks.encode_prompt`, and the guide side can strip the format
+again (`task_ids`) to hand a guide the task's own text. Prompt truncation cuts the task text, never the format.
 """
 
 from __future__ import annotations
@@ -25,9 +21,6 @@ from dataclasses import dataclass
 from common.errors import UsageError
 
 MODES = ("auto", "on", "off")
-_MARK = "RLGFCHATMARK"  # stands for the user's / the assistant's text while the template is rendered
-
-
 @dataclass(frozen=True)
 class ChatFormat:
     before: list[int]
@@ -55,27 +48,6 @@ def has_chat_template(tok) -> bool:
     return bool(getattr(tok, "chat_template", None))
 
 
-def chat_format(tok) -> ChatFormat:
-    """The template's ids around a user turn, and its end-of-turn token, read by rendering the template around
-    a marker (pieces are tokenised apart, so the task text's ids are the same with or without the template)."""
-    try:
-        text = tok.apply_chat_template([{"role": "user", "content": _MARK}], add_generation_prompt=True,
-                                       tokenize=False)
-        turn = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": _MARK}],
-                                       tokenize=False)
-    except Exception as e:  # a template that cannot render a plain user / assistant exchange
-        raise UsageError(f"the tokenizer's chat template cannot render a user turn ({type(e).__name__}: "
-                         f"{str(e)[:100]}): pass --chat-template off") from None
-    if text.count(_MARK) != 1 or turn.count(_MARK) != 1:
-        raise UsageError("the tokenizer's chat template does not show the user's text once: pass --chat-template off")
-    before, after = text.split(_MARK)
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"] if s else []  # noqa: E731
-    tail = enc(turn.split(_MARK)[1])
-    special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
-    end = tail[0] if tail and tail[0] in special else tok.eos_token_id
-    return ChatFormat(before=enc(before), after=enc(after), end_of_turn=end)
-
-
 def setup_chat(tok, mode: str, encoder_decoder: bool = False) -> str:
     """Resolve `mode` (auto = on when the tokenizer has a chat template) and set the tokenizer up for it:
     `tok.chat_format` (None when off), `tok.prompt_format` (the template's when on, else the tokenizer's own
@@ -85,7 +57,11 @@ def setup_chat(tok, mode: str, encoder_decoder: bool = False) -> str:
     on = has_chat_template(tok) if mode == "auto" else mode == "on"
     if on and not has_chat_template(tok):
         raise UsageError("--chat-template on, but the tokenizer has no chat template: pass auto or off")
-    tok.chat_format = chat_format(tok) if on else None
+    tok.chat_format = None
+    if on:  # the template's ids around a user turn and its end-of-turn token
+        from common.chat_template import chat_format
+
+        tok.chat_format = chat_format(tok)
     tok.prompt_format = tok.chat_format or special_format(tok, encoder_decoder)
     if on and tok.chat_format.end_of_turn != tok.eos_token_id:
         tok.eos_token = tok.convert_ids_to_tokens(tok.chat_format.end_of_turn)

@@ -16,11 +16,13 @@ PyTorch's own FSDP2 (`torch.distributed.fsdp.fully_shard`), and full state dicts
   unsharded state dicts a run without FSDP saves (same keys, same optimiser indices), so checkpoints move
   between DDP and FSDP runs. A checkpoint is loaded into the unsharded models before `shard` (as without
   FSDP); `shard` then carries the loaded optimiser state over to the sharded parameters.
+  `save_pretrained_unsharded` writes a sharded policy's gathered weights as a plain `save_pretrained` folder.
 """
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -119,6 +121,21 @@ def _shard_root(root: nn.Module, mesh) -> None:
     fully_shard(root, mesh=mesh)
     root.register_forward_pre_hook(_gather_without_grad, with_kwargs=True, prepend=True)
     root._rlgf_keep_gathered = False
+
+
+def shard_for_training(models: list[nn.Module], optimizer: torch.optim.Optimizer, device: torch.device, world: int):
+    """`--fsdp` (`common.runtime.wrap_for_training`): the models sharded in place, a LoRA policy's base and adapters
+    with `shard_lora`, any other with `shard`; 4-bit / 8-bit weights are refused in one line."""
+    from common.errors import UsageError
+    from common.runtime import is_lora
+
+    if any(type(p).__name__ in ("Params4bit", "Int8Params") for m in models for p in m.parameters()):
+        raise UsageError("--fsdp does not shard 4-bit / 8-bit (bitsandbytes) weights: drop --fsdp (one GPU, or "
+                         "DDP with one model copy per GPU) or load the model unquantised")
+    if is_lora(models[0]):
+        shard_lora(models, optimizer, device, world)
+    else:
+        shard(models, optimizer, device, world)
 
 
 def shard(models: list[nn.Module], optimizer: torch.optim.Optimizer | None, device: torch.device, world: int):
@@ -269,6 +286,18 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, rank: int = 0) -> dic
         if rank == 0:
             state[idx] = full
     return {"state": state, "param_groups": sd["param_groups"]} if rank == 0 else {}
+
+
+def save_pretrained_unsharded(model, state: dict, path: Path) -> None:
+    """`save_pretrained` of a sharded model from its gathered full state dict; config.json names the model's
+    own class, not FSDP's wrapper class."""
+    from torch.distributed.fsdp import FSDPModule
+
+    own = next(c for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule))
+    model.save_pretrained(path, state_dict=state)
+    config = type(model.config).from_pretrained(path)
+    config.architectures = [own.__name__]
+    config.save_pretrained(path)
 
 
 def ensure_process_group(device: torch.device) -> None:

@@ -11,9 +11,8 @@ through `policy_logits_to_logprobs` semantics:
 - prompts are left-padded with explicit position ids, responses right-padded after EOS.
 
 Encoder-decoder models (T5, BART: `config.is_encoder_decoder`) take the same arguments and return the same
-numbers' shapes: the prompt goes to the encoder (run once per sampling call, rows aligned to the left with an
-attention mask), the response is the decoder's output from its start token, and a forced prefix is
-teacher-forced into the decoder. `is_seq2seq` tells the kinds apart; nothing else changes for the caller.
+numbers' shapes (common/seq2seq.py, imported for such a model): the prompt goes to the encoder, the response is the
+decoder's output. `is_seq2seq` tells the kinds apart; nothing else changes for the caller.
 """
 
 from __future__ import annotations
@@ -124,27 +123,6 @@ def query_room(model, response_tokens: int) -> int | None:
     if limit is None:
         return None
     return limit if is_seq2seq(model) else limit - response_tokens
-
-
-def decoder_start_id(model) -> int:
-    """The token the decoder of an encoder-decoder model starts from (T5: pad; BART: EOS), from its config or
-    generation config. It is an input only: pad is never sampled."""
-    model = _base(model)
-    model = getattr(model, "backbone", model)
-    for cfg in (model.config, getattr(model, "generation_config", None)):
-        start = getattr(cfg, "decoder_start_token_id", None) if cfg is not None else None
-        if start is not None:
-            return int(start)
-    raise ValueError(f"{type(model).__name__} names no decoder_start_token_id in its config")
-
-
-def left_to_right_aligned(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A left-padded batch (ids, mask) with every row's real tokens moved to the front: encoders with absolute
-    positions (BART) number the tokens from the first column. Padding moves behind the real tokens."""
-    W = ids.shape[1]
-    shift = (W - mask.sum(1, keepdim=True)) % max(1, W)
-    index = (torch.arange(W, device=ids.device)[None] + shift) % max(1, W)
-    return ids.gather(1, index), mask.gather(1, index)
 
 
 def filter_top_k_top_p(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -272,12 +250,14 @@ def sample(model, queries: list[list[int]], *, max_new_tokens: int, min_new_toke
     Our own loop rather than HF `generate`, which runs every row until the longest ends and draws with
     torch.multinomial: here a row leaves the batch (and the cache) as soon as it ends, so a step costs only
     the rows still running, and each row stops at its own budget, so a long prefix never pushes another row
-    past the model's positions. `device` defaults to the model's. An encoder-decoder model: `_sample_seq2seq`.
+    past the model's positions. `device` defaults to the model's. An encoder-decoder model: `common.seq2seq.sample_seq2seq`.
     """
     if device is None:
         device = next(model.parameters()).device
     if is_seq2seq(model):
-        return _sample_seq2seq(model, queries, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+        from common.seq2seq import sample_seq2seq
+
+        return sample_seq2seq(model, queries, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                eos_id=eos_id, pad_id=pad_id, prefixes=prefixes, temperature=temperature, top_k=top_k,
                                top_p=top_p, device=device)
     prefixes = prefixes or [[] for _ in queries]
@@ -333,66 +313,6 @@ def _trimmed(out_tok: torch.Tensor, out_lp: torch.Tensor, prefixes, max_new_toke
     return Sampled(tokens, logprobs)
 
 
-@torch.no_grad()
-def _sample_seq2seq(model, queries, *, max_new_tokens: int, min_new_tokens: int, eos_id: int, pad_id: int,
-                    prefixes, temperature: float, top_k: int, top_p: float, device) -> Sampled:
-    """`sample` for an encoder-decoder model: the same distribution at every step, the same outputs.
-
-    The encoder reads the prompts once (left-aligned rows, attention mask). Every decoder row starts from the
-    decoder start token at position 0, so no decoder row is ever padded: the prefix every row has (the shortest
-    forced prefix) goes in with the start token in one forward, and at each later step a row either takes its
-    next forced prefix token (teacher forcing: its logits are not used) or samples one. The key-value cache is
-    HF's EncoderDecoderCache (`preallocated_cache`): decoder self-attention written in place, the cross-attention
-    keys and values computed from the encoder's states once. A row leaves the batch (encoder states, mask and
-    cache) as soon as it ends."""
-    prefixes = prefixes or [[] for _ in queries]
-    rows = [i for i in range(len(queries)) if max_new_tokens - len(prefixes[i]) > 0]
-    empty = torch.zeros((len(queries), 0))
-    if not rows:
-        return _trimmed(empty.long(), empty, prefixes, max_new_tokens, eos_id)
-    base = _base(model)
-    enc_ids, enc_mask = right_pad([queries[i] for i in rows], pad_id, device=device)
-    dev = enc_ids.device
-    with _autocast(dev):
-        encoded = _encoder(model)(input_ids=enc_ids, attention_mask=enc_mask)
-    row_idx = torch.tensor(rows, device=dev)
-    plen = torch.tensor([len(prefixes[i]) for i in rows], device=dev)  # forced tokens of each batch row
-    forced = right_pad([prefixes[i] for i in rows], pad_id, width=max_new_tokens, device=dev)[0]
-    common = int(plen.min())
-    steps = max_new_tokens - common  # decoder positions common .. max_new_tokens - 1 score a response token
-    out_tok = torch.full((len(queries), max_new_tokens), pad_id, dtype=torch.long, device=dev)
-    out_lp = torch.zeros((len(queries), max_new_tokens), device=dev)
-    cache = preallocated_cache(model, max_new_tokens)  # start token + all but the last response token
-    kw = {_cache_kwarg(model): cache, "use_cache": True}
-    inputs = torch.cat([torch.full((len(rows), 1), decoder_start_id(model), dtype=torch.long, device=dev),
-                        forced[:, :common]], dim=1)
-    for pos in range(common, common + steps):  # pos: the response position this step's logits score
-        with _autocast(dev):
-            logits = model(encoder_outputs=encoded, attention_mask=enc_mask, decoder_input_ids=inputs,
-                           **kw).logits[:, -1]
-        free = plen <= pos  # rows past their forced prefix: they sample
-        new = forced[:, pos].clone()
-        if bool(free.any()):
-            at = free.nonzero().squeeze(-1)
-            scores = mask_pad_and_early_eos_(logits[at].float() / temperature, torch.full_like(at, pos),
-                                             min_new_tokens, eos_id, pad_id)
-            logp = torch.log_softmax(filter_top_k_top_p(scores, top_k, top_p), dim=-1)
-            drawn = draw(logp)
-            new[at] = drawn
-            out_tok[row_idx[at], pos - plen[at]] = drawn
-            out_lp[row_idx[at], pos - plen[at]] = logp.gather(-1, drawn[:, None]).squeeze(-1)
-        running = ~(free & (new == eos_id)) & (pos + 1 < max_new_tokens)
-        if not running.all():
-            if not running.any():
-                break
-            keep = running.nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
-            encoded = type(encoded)(last_hidden_state=encoded.last_hidden_state[keep])
-            row_idx, plen, forced, new, enc_mask = row_idx[keep], plen[keep], forced[keep], new[keep], enc_mask[keep]
-        inputs = new[:, None]
-    return _trimmed(out_tok, out_lp, prefixes, max_new_tokens, eos_id)
-
-
 def response_logits_bias(T: int, vocab: int, min_new_tokens: int, eos_id: int, pad_id: int, device) -> torch.Tensor:
     """The sampling masks of `sample` as an additive bias for logits of response positions [T, V]
     (-inf on pad everywhere, on EOS before min_new_tokens): adding it broadcasts over the batch without
@@ -412,12 +332,6 @@ _PACKING_WORKS: dict = {}
 
 def _base(model):
     return getattr(model, "module", model)  # DDP wraps the model
-
-
-def _encoder(model):
-    """An encoder-decoder model's encoder; a LoRA view's (common.lora) runs with the view's adapter."""
-    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    return inner.get_encoder()
 
 
 def packing_works(model) -> bool:
@@ -630,6 +544,8 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
     if seq2seq:
         # one encoder + decoder forward: the prompt in the encoder, [start] + y[:-1] in the decoder, whose
         # position t scores y_t (padding after a row's end is only ever read by later, unscored positions)
+        from common.seq2seq import seq2seq_inputs
+
         with _autocast(query_ids.device):
             out = model(**seq2seq_inputs(model, query_ids, query_mask, response_ids), use_cache=False,
                         **({"output_hidden_states": True} if with_hidden else {}))
@@ -665,16 +581,6 @@ def forward_response(model, query_ids, query_mask, response_ids, response_mask, 
     if not with_entropy:
         return logprobs, None
     return logprobs, ent.view(B, T)  # entr(0) = 0: masked tokens add nothing
-
-
-def seq2seq_inputs(model, query_ids, query_mask, response_ids) -> dict:
-    """The forward arguments of an encoder-decoder model for [left-padded query | right-padded response]: the
-    query left-aligned with its mask into the encoder, the decoder start token + the response but its last token
-    into the decoder (decoder position t reads y_<t)."""
-    enc_ids, enc_mask = left_to_right_aligned(query_ids, query_mask)
-    start = torch.full_like(response_ids[:, :1], decoder_start_id(model))
-    return {"input_ids": enc_ids, "attention_mask": enc_mask,
-            "decoder_input_ids": torch.cat([start, response_ids[:, :-1]], dim=1)}
 
 
 class ReferenceHeadValue(torch.nn.Module):
@@ -718,6 +624,8 @@ class ValueModel(torch.nn.Module):
         if is_seq2seq(self.backbone):  # decoder position t reads [start] + y_<t: the state before token t
             # a whole seq2seq LM as backbone (a LoRA critic adapter on the policy's base) has no head-less output:
             # its decoder's last hidden states are read (its LM head runs too, unused)
+            from common.seq2seq import seq2seq_inputs
+
             whole_lm = self.backbone.get_output_embeddings() is not None
             with _autocast(query_ids.device):
                 out = self.backbone(**seq2seq_inputs(self.backbone, query_ids, query_mask, response_ids),

@@ -22,6 +22,9 @@ prefix has not used yet; TL;DR writes the post's title.
 `common.generation.sample(..., prefixes=...)`. A guide always receives the task's prompt text (without the
 learner's chat template); an `HFGuide` whose tokenizer is set up for its own chat template (common.chat) puts
 that template around it, and the learner's prefix continues the guide's assistant turn.
+
+A run's guide (`common.harness.Run`) is made by `build_guide` from the `--guide*` settings, which
+`check_guide_settings` checks with the others before anything is loaded.
 """
 
 from __future__ import annotations
@@ -31,8 +34,13 @@ from typing import Callable, Protocol
 
 import torch
 
-from common.chat import task_ids, template_length, wrap
+from common.chat import setup_chat, task_ids, template_length, wrap
+from common.errors import UsageError
 from common.generation import decode, query_room, sample
+from common.models import is_encoder_decoder, load_causal_lm, load_tokenizer
+from common.runtime import is_lora
+from common.settings import ModelSetup
+from common.tasks import Task
 
 
 class Guide(Protocol):
@@ -67,7 +75,7 @@ class CallableGuide:
 
 class HFGuide:
     """A frozen causal or encoder-decoder LM sampled with its own settings. Its parameters never receive gradients.
-    `frozen=False` (only `--guide learner`, the official code's moving guide: `common.runtime.learner_guide`)
+    `frozen=False` (only `--guide learner`, the official code's moving guide: `learner_guide`)
     samples a model that is being trained, left as it is."""
 
     def __init__(self, model, tokenizer, *, top_p: float = 0.92, top_k: int = 0, temperature: float = 1.0,
@@ -186,3 +194,123 @@ def guide_metrics(guide) -> dict:
     tokens); empty for guides without any."""
     pop = getattr(guide, "pop_metrics", None)
     return pop() if pop is not None else {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# a run's guide: settings checked, the guide built (common.harness.Run), sample tables
+# ---------------------------------------------------------------------------------------------------
+def check_guide_settings(args) -> None:
+    """The guide's settings, checked with the others (`common.runtime.check_settings`, for args with a guide):
+    the kind, its temperature, the flags each kind does not use, a rule guide for the task."""
+    def value(name):
+        return getattr(args, name, None)
+
+    guide = args.guide
+    if guide not in ("model", "rule", "learner") and not is_server_url(guide):
+        raise UsageError(f"--guide must be model, rule, learner or a server URL (http://HOST:PORT/v1), not "
+                         f"{guide!r}")
+    if guide in ("model", "learner") and value("guide_temperature") == 0:
+        raise UsageError("--guide-temperature must be above 0 for a model guide, which samples; greedy "
+                         "(temperature 0) is for a server guide (--guide http://HOST:PORT/v1)")
+    if guide == "learner" and value("guide_model"):
+        raise UsageError("--guide-model is not used with --guide learner (the guide is the learner itself): "
+                         "drop one of them")
+    if guide == "learner" and value("fsdp"):
+        raise UsageError("--guide learner does not run under --fsdp (the guide's calls differ between "
+                         "processes): use DDP or one process")
+    if guide == "rule" and args.task not in RULE_GUIDES:
+        raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {args.task}: use --guide model")
+    if guide == "rule" and value("guide_model"):
+        raise UsageError("--guide-model is not used with --guide rule: drop one of them")
+    if not is_server_url(guide):
+        refuse_server_flags(guide, lambda name: value("guide_" + name))
+
+
+def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, device, *, top_p: float, top_k: int,
+                temperature: float, min_new_tokens: int, policy=None, setup: ModelSetup | None = None, server=None,
+                chat_template: str = "off"):
+    """The frozen black-box guide: `model` (an HF causal or encoder-decoder LM, default the task's embedded
+    guide), `rule` (our rule-based guide for CommonGen and TL;DR) or the URL of an OpenAI-compatible server
+    (`http://HOST:PORT/v1`), reached as `server` (a `common.server_guide.ServerOptions`) says. A model guide that is a
+    LoRA policy's own start model (same path) is that policy's base with the adapters off, not a second copy; any
+    other model guide is loaded (4/8-bit with the policy, `setup`). Loading leaves the random streams alone. A
+    model guide keeps its own chat template, applied to its own prompt, whenever its tokenizer has one and
+    `chat_template` is not off.
+
+    `learner`: the official code's moving guide (SPEC 5.1, a defect there): the current learner itself, `policy`,
+    sampled with the guide's settings (top-p 0.92 ...), so its samples follow the learner's weights as they train;
+    its tokenizer and chat template are those a model guide of the learner's start model would have. Offered to
+    reproduce the paper's published setting next to the frozen guide."""
+    if is_server_url(kind):
+        from common.server_guide import ServerOptions, build_server_guide
+
+        if guide_path:
+            raise UsageError(f"--guide-model {guide_path} is a model loaded in this process; the server's model is "
+                             "named with --guide-model-name")
+        return build_server_guide(kind, server or ServerOptions(), top_p=top_p, top_k=top_k, temperature=temperature)
+    if server is not None:
+        refuse_server_flags(kind, lambda name: getattr(server, name))
+    if kind == "rule":
+        if task.name not in RULE_GUIDES:
+            raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {task.name}: use --guide model")
+        return CallableGuide(RULE_GUIDES[task.name], name=f"{task.name}-rule")
+    if kind != "model":
+        if kind == "learner":
+            return learner_guide(policy, top_p=top_p, top_k=top_k, temperature=temperature,
+                                 min_new_tokens=min_new_tokens, device=device, chat_template=chat_template)
+        raise UsageError(f"--guide must be model, rule, learner or a server URL (http://HOST:PORT/v1), not {kind!r}")
+    gtok = load_tokenizer(guide_path)
+    setup_chat(gtok, "off" if chat_template == "off" else "auto", encoder_decoder=is_encoder_decoder(guide_path))
+    if is_lora(policy) and guide_path == policy.path:
+        model = policy.reference()
+    else:
+        with torch.random.fork_rng(devices=[]):
+            model = load_causal_lm(guide_path, gtok, device, "--guide-model",
+                                   quantization=setup.quantization_config() if setup else None)
+    return HFGuide(model, gtok, top_p=top_p, top_k=top_k, temperature=temperature,
+                   min_new_tokens=min_new_tokens, device=device, name=guide_path)
+
+
+def server_options(args):
+    """The server guide's connection settings (`common.server_guide.ServerOptions`, from the `--guide-*` flags) for
+    `--guide http://HOST:PORT/v1`; None for any other guide, which never imports common/server_guide.py."""
+    if not is_server_url(args.guide):
+        return None
+    from common.server_guide import ServerOptions
+
+    return ServerOptions.from_args(args)
+
+
+SERVER_FLAGS = ("model_name", "chat", "cache", "extra_body")
+"""the `--guide-*` flags only a server guide reads (fields of ServerOptions)"""
+
+
+def refuse_server_flags(kind: str, value) -> None:
+    """One line where a flag only a server guide reads (`value(name)` for each of SERVER_FLAGS) is given with
+    `--guide kind`, which is not a server."""
+    for name in SERVER_FLAGS:
+        if value(name):
+            raise UsageError(f"--guide-{name.replace('_', '-')} is for a server guide (--guide http://HOST:PORT/v1), "
+                             f"not --guide {kind}")
+
+
+def learner_guide(policy, *, top_p: float, top_k: int, temperature: float, min_new_tokens: int, device,
+                  chat_template: str = "off"):
+    """`--guide learner`: an HFGuide sampling `policy`, the learner being trained, whose weights it leaves
+    trainable (the guide of every other kind is frozen). See `build_guide`."""
+    if policy is None:
+        raise UsageError("--guide learner needs the learner (the script's policy)")
+    path = policy.path if is_lora(policy) else _base_model(policy).name_or_path
+    gtok = load_tokenizer(path)
+    setup_chat(gtok, "off" if chat_template == "off" else "auto", encoder_decoder=is_encoder_decoder(path))
+    return HFGuide(policy, gtok, top_p=top_p, top_k=top_k, temperature=temperature, min_new_tokens=min_new_tokens,
+                   device=device, name=f"the learner ({path}, moving)", frozen=False)
+
+
+def _base_model(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def mixed_rows(prompts, guide_parts, learner_parts, scores):
+    """Sample-table rows that mark where the guide's text ends and the learner's begins."""
+    return list(zip(prompts, guide_parts, learner_parts, scores))

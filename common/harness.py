@@ -11,11 +11,12 @@
         return run.finish()                       # final evaluation, the trained policy, eval.json
 
 What the harness does, in order (`Run(...)`): claim the run folder, set up the device(s), load the data, build the
-policy, its frozen reference, the critic(s) (and the guide), the reward and the optimiser, all as
-`common/runtime.py` does it. `iterations(**state)` resumes from the checkpoint (the models, optimiser, prompt
-sampler, every random state and the script's own `state`: objects with plain attributes, or `random.Random`
-streams), wraps the models for DDP / FSDP, evaluates the start policy, then yields each iteration, after which it
-evaluates and checkpoints when due. The checkpoint's contents are written here once, for saving and resuming alike.
+policy, its frozen reference, the critic(s) (and the guide: common/guides.py), the reward and the optimiser, all
+as `common/runtime.py` does it. `iterations(**state)` resumes from the checkpoint under --resume (common/resume.py:
+the models, optimiser, prompt sampler, every random state and the script's own `state`: objects with plain
+attributes, or `random.Random` streams), wraps the models for DDP / FSDP, evaluates the start policy, then yields
+each iteration, after which it evaluates and checkpoints when due. The checkpoint's contents are written here once,
+for saving and resuming alike.
 """
 
 from __future__ import annotations
@@ -67,10 +68,12 @@ class Run:
         self.critic_reads_ref = any(c.reads_reference for c in self.critics.values())
         self.guide = None
         if guide:  # after the policy: a LoRA policy's start model as guide is its base with the adapter off
-            self.guide = rt.build_guide(
+            from common import guides
+
+            self.guide = guides.build_guide(
                 args.guide, task, guide_path, None, self.device, top_p=args.guide_top_p, top_k=args.guide_top_k,
                 temperature=args.guide_temperature, min_new_tokens=args.min_new_tokens, policy=self.policy,
-                setup=setup, server=rt.server_options(args), chat_template=args.chat_template)
+                setup=setup, server=guides.server_options(args), chat_template=args.chat_template)
         self.args = args = dataclasses.replace(args, chat_template="on" if self.tok.chat_format else "off")
         self.reward_fn = rt.make_reward(task, args.reward_model, self.train, self.device, self.info, setup=setup)
         trained = [self.policy, *self.critics.values()]
@@ -103,20 +106,11 @@ class Run:
         """Yield the iteration numbers still to run; before each, set the learning rate; after each, evaluate and
         checkpoint when due. `state`: the script's own objects that checkpoints carry (by name)."""
         args, start, ck, state = self.args, 1, None, {**state, **self.streams}
-        if args.resume:
-            ck = rt.load_checkpoint(self.run_dir, self.algo)
-            missing = [k for k in ("policy", "optimizer", "sampler", "rng", *self.critics, *state) if k not in ck]
-            if missing:
-                raise rt.UsageError(f"--resume {self.run_dir}: its checkpoint.pt has no {', '.join(missing)} (written "
-                                    f"by another version of {self.algo}.py): start a new run")
-            self.policy.load_state_dict(ck["policy"])
-            for name, critic in self.critics.items():
-                critic.load_state_dict(ck[name])
-            self.optimizer.load_state_dict(ck["optimizer"]), self.sampler.load_state_dict(ck["sampler"])
-            for name, obj in state.items():
-                _set_state(obj, ck[name])
+        if args.resume:  # the models, optimiser, sampler, `state` and random states of the last checkpoint
+            from common.resume import restore
+
+            ck = restore(self, state)
             start = ck["iteration"] + 1
-            rt.set_rng_state(ck["rng"])
         self.policy_t, *critics_t = rt.wrap_for_training([self.policy, *self.critics.values()], self.optimizer,
                                                          self.world, args.fsdp)
         self.critics_t = dict(zip(self.critics, critics_t))  # what trains: the DDP / FSDP handles
@@ -285,8 +279,3 @@ def _get_state(obj):
     return dict(vars(obj))
 
 
-def _set_state(obj, saved):
-    if isinstance(obj, random.Random):
-        obj.setstate(rt.own_rank(saved))
-    else:
-        vars(obj).update(saved)

@@ -221,7 +221,7 @@ def perplexity(model, tokenizer, prompts: list[str], texts: list[str], device=No
         raise UsageError(f"prompts and texts must have the same length (got {len(prompts)} and {len(texts)})")
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1 (got {batch_size})")
-    from common.generation import is_seq2seq, left_pad, right_pad, seq2seq_inputs
+    from common.generation import is_seq2seq, left_pad, right_pad
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     seq2seq = is_seq2seq(model)
@@ -250,6 +250,8 @@ def perplexity(model, tokenizer, prompts: list[str], texts: list[str], device=No
                 mask = torch.zeros((len(chunk), width), dtype=torch.long)
                 labels = torch.full((len(chunk), width), -100, dtype=torch.long)
                 if seq2seq:  # the prompt into the encoder, the text scored by the decoder from its start token
+                    from common.seq2seq import seq2seq_inputs
+
                     text_ids, text_mask = right_pad([t for _, t in chunk], pad_id, device=device)
                     logits = model(**seq2seq_inputs(model, *left_pad([p for p, _ in chunk], pad_id, device),
                                                     text_ids)).logits

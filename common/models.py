@@ -233,7 +233,7 @@ def load_causal_lm(name: str, tokenizer, device, what: str = "model", quantizati
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if getattr(model.config, "is_encoder_decoder", False):
-        from common.generation import decoder_start_id
+        from common.seq2seq import decoder_start_id
 
         try:
             decoder_start_id(model)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import ctypes
-import dataclasses
 import hashlib
 import json
 import math
@@ -123,17 +122,9 @@ def wrap_for_training(models: list, optimizer, world: int, fsdp: bool = False) -
     torchrun, the model itself in one process; with `fsdp` the models sharded in place (common/fsdp.py) and
     `optimizer` pointed at their shards. Call it after a checkpoint is loaded into the (unsharded) models."""
     if fsdp:
-        from common.fsdp import shard
+        from common.fsdp import shard_for_training
 
-        if any(type(p).__name__ in ("Params4bit", "Int8Params") for m in models for p in m.parameters()):
-            raise UsageError("--fsdp does not shard 4-bit / 8-bit (bitsandbytes) weights: drop --fsdp (one GPU, or "
-                             "DDP with one model copy per GPU) or load the model unquantised")
-        if is_lora(models[0]):
-            from common.fsdp import shard_lora
-
-            shard_lora(models, optimizer, _RUN["device"], world)
-        else:
-            shard(models, optimizer, _RUN["device"], world)
+        shard_for_training(models, optimizer, _RUN["device"], world)
         return list(models)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -450,12 +441,14 @@ def search(model, queries: list[list[int]], *, num_beams: int, max_new_tokens: i
     other decoding setting is given explicitly, so a model's own generation_config changes nothing. Prompts go
     in left-padded (an encoder-decoder model's encoder gets them left-aligned); each response ends at its EOS
     (included). Under FSDP every process takes part in every step (`synced_gpus`)."""
-    from common.generation import _autocast, is_seq2seq, left_to_right_aligned
+    from common.generation import _autocast, is_seq2seq
 
     lm, active = _generation_model(model)
     ids, mask = left_pad(queries, pad_id, device)
     seq2seq = is_seq2seq(lm)
     if seq2seq:
+        from common.seq2seq import left_to_right_aligned
+
         ids, mask = left_to_right_aligned(ids, mask)
     synced = is_sharded(lm) and dist.is_initialized() and dist.get_world_size() > 1
     with active, _autocast(ids.device):
@@ -651,6 +644,8 @@ class RunLogger:
         self.writer = SummaryWriter(str(run_dir), purge_step=resume_from)
         jsonl = run_dir / "metrics.jsonl"
         if resume_from is not None and jsonl.exists():
+            from common.resume import metrics_to_keep
+
             jsonl.write_text("".join(l + "\n" for l in metrics_to_keep(jsonl, resume_from)))
         cfg = {"script": algo, **asdict(args)}  # the script, so that --resume refuses another script's folder
         (run_dir / "args.json").write_text(json.dumps(cfg, indent=1, default=str))
@@ -680,31 +675,6 @@ class RunLogger:
             handle = self.__dict__.pop(name, None) if self.enabled else None
             if handle is not None:
                 handle.close()
-
-
-def metrics_to_keep(jsonl: Path, resume_from: int) -> list[str]:
-    """The lines of a resumed run's metrics.jsonl that stay: those of steps before `resume_from` (later ones are
-    redone). A line that is not a whole JSON record (a kill or a full disk cuts the last one short) is dropped,
-    said in one line. Where every iteration was done (a run stopped while writing its results), the final
-    evaluation's line goes too: the resumed run logs it again."""
-    keep, damaged = [], []
-    for n, line in enumerate(jsonl.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            step = rec["step"]
-            assert isinstance(rec, dict) and isinstance(step, int)
-        except (ValueError, KeyError, TypeError, AssertionError):
-            damaged.append(n)
-            continue
-        if step < resume_from and not (step == resume_from - 1 == _RUN.get("iterations")
-                                       and all(k == "step" or k.startswith("eval/") for k in rec)):
-            keep.append(line)
-    if damaged:
-        print(f"{jsonl}: dropped {len(damaged)} incomplete line(s) (line {', '.join(map(str, damaged))}), as a kill "
-              "or a full disk leaves them; their steps are logged again if they are redone")
-    return keep
 
 
 def report(before: dict, after: dict, run_dir: Path, file=sys.stdout, protocol: dict | None = None):
@@ -775,28 +745,10 @@ def check_settings(args, world: int) -> None:
         setup.check(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         if setup.critic_kind == "reference-head" and args.fsdp:
             raise UsageError("--critic reference-head is a value head alone, not sharded by --fsdp: drop one of them")
-    guide = value("guide")
-    if guide is not None:
-        from common.guides import RULE_GUIDES, is_server_url
+    if value("guide") is not None:  # the guided scripts' guide settings (common/guides.py)
+        from common.guides import check_guide_settings
 
-        if guide not in ("model", "rule", "learner") and not is_server_url(guide):
-            raise UsageError(f"--guide must be model, rule, learner or a server URL (http://HOST:PORT/v1), not "
-                             f"{guide!r}")
-        if guide in ("model", "learner") and value("guide_temperature") == 0:
-            raise UsageError("--guide-temperature must be above 0 for a model guide, which samples; greedy "
-                             "(temperature 0) is for a server guide (--guide http://HOST:PORT/v1)")
-        if guide == "learner" and value("guide_model"):
-            raise UsageError("--guide-model is not used with --guide learner (the guide is the learner itself): "
-                             "drop one of them")
-        if guide == "learner" and value("fsdp"):
-            raise UsageError("--guide learner does not run under --fsdp (the guide's calls differ between "
-                             "processes): use DDP or one process")
-        if guide == "rule" and args.task not in RULE_GUIDES:
-            raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {args.task}: use --guide model")
-        if guide == "rule" and value("guide_model"):
-            raise UsageError("--guide-model is not used with --guide rule: drop one of them")
-        if not is_server_url(guide):
-            refuse_server_flags(guide, lambda name: value("guide_" + name))
+        check_guide_settings(args)
     if value("start_eval_from") and not args.resume:
         check_start_eval_from(args)
     if args.task == "commongen" and args.reward_model:
@@ -826,58 +778,7 @@ def check_models(args, setup: ModelSetup | None = None) -> None:
             check_targets(setup, skeleton, policy or f"the embedded {args.task} policy")
 
 
-_BEFORE_EVAL_SETTINGS = {"eval_decoding": lambda old: "sample",
-                         "final_eval_samples": lambda old: old.get("eval_samples")}
-"""a run whose args.json predates these settings evaluated this way: resumed, it goes on evaluating so"""
-RESUME_MAY_CHANGE = ("iterations", "eval_interval", "save_interval", "sample_rows", "device", "micro_batch_size",
-                     "gradient_checkpointing", "data_dir", "slow_metrics", "keep_checkpoint", "rebuild_models")
-"""settings a resumed run may change (one printed line says which); any other that differs is refused"""
-_RESUME_IGNORED = ("resume", "output_dir", "run_name")  # where the run is: --resume names the folder
 _CLI_GIVEN: set | None = None  # the fields named on the command line (set by `cli`)
-
-
-def resume_settings(args, algo: str):
-    """With --resume: the run's own settings from its args.json. A flag given again that differs from the run's
-    value is taken where it is in RESUME_MAY_CHANGE (said in one line) and refused otherwise; a flag not given
-    takes the run's value. A flag counts as given when it differs from the field's default or was named on the
-    command line. A folder written by another script is refused."""
-    if not args.resume:
-        return args
-    run_dir = Path(args.resume)
-    saved = run_dir / "args.json"
-    if not saved.is_file():
-        raise UsageError(f"--resume {run_dir}: no args.json there; --resume takes the folder of a run this project wrote")
-    try:
-        old = json.loads(saved.read_text())
-        assert isinstance(old, dict)
-    except (ValueError, AssertionError, UnicodeDecodeError):
-        raise UsageError(f"--resume {run_dir}: its args.json is damaged (not a JSON object)") from None
-    if old.get("script") != algo:
-        made_by = f"{old['script']}.py" if old.get("script") else "another program"
-        raise UsageError(f"--resume {run_dir}: that run was made by {made_by}, not {algo}.py: resume it with "
-                         f"the script that made it")
-    from common.settings import given_fields
-
-    updates, changed, given_now = {}, [], given_fields(args)
-    for f in dataclasses.fields(args):
-        k = f.name
-        if k in _BEFORE_EVAL_SETTINGS and k not in old:
-            old[k] = _BEFORE_EVAL_SETTINGS[k](old)
-        if k in _RESUME_IGNORED or k not in old:
-            continue
-        new, was = getattr(args, k), old[k]
-        given = k in given_now
-        if not given or new == was:
-            updates[k] = was
-        elif k in RESUME_MAY_CHANGE:
-            updates[k] = new
-            changed.append(f"{_flag(k)} {new} (was {was})")
-        else:
-            raise UsageError(f"--resume {run_dir}: {_flag(k)} was {was!r} in that run, not {new!r}; a resumed run "
-                             f"keeps its settings (may change: {', '.join(_flag(c) for c in RESUME_MAY_CHANGE)})")
-    if changed and int(os.environ.get("RANK", "0")) == 0:
-        print(f"resuming {run_dir} with its own settings, except " + ", ".join(changed))
-    return dataclasses.replace(args, **updates)
 
 
 def run_dir_of(args, algo: str, task: str, rank: int = 0) -> Path:
@@ -1093,48 +994,6 @@ def save_checkpoint(path: Path, state: dict):
             run.checkpoint = state["iteration"]
 
 
-def load_checkpoint(run_dir: Path, algo: str) -> dict:
-    """The last checkpoint of `run_dir`, loaded with `weights_only=True`: tensors and plain Python values only,
-    so a file that would run code when unpickled is refused, as is a damaged one (one line each)."""
-    path = run_dir / "checkpoint.pt"
-    if not path.is_file():
-        raise UsageError(f"--resume {run_dir}: no checkpoint.pt there (a finished run deletes it unless run with "
-                         "--keep-checkpoint; a run stopped before its first checkpoint has none)")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"--resume {run_dir}: checkpoint.pt cannot be loaded safely ({type(e).__name__}): it is "
-                         "damaged or was not written by this project") from None
-    if not isinstance(ck, dict) or ck.get("script") != algo or "iteration" not in ck:
-        made_by = ck.get("script") if isinstance(ck, dict) else None
-        raise UsageError(f"--resume {run_dir}: checkpoint.pt was " + (f"written by {made_by}.py, not {algo}.py"
-                         if made_by else "not written by this project"))
-    check_resume_iterations(run_dir, ck["iteration"], _RUN.get("iterations"))
-    run = current_run()
-    if run is not None:
-        run.checkpoint = ck["iteration"]
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"resumed from iteration {ck['iteration']}")
-    return ck
-
-
-def check_resume_iterations(run_dir: Path, done: int, iterations: int | None) -> None:
-    """--resume with `iterations` in all: fewer than the `done` ones is refused; as many is allowed only where
-    the run stopped after its last iteration, before writing its results (that resume writes them); a finished run
-    (eval.json written after the checkpoint) is complete."""
-    if iterations is None:
-        return
-    more = f"give --iterations above {done} to train it further"
-    if iterations < done:
-        raise UsageError(f"--resume {run_dir}: the run has done {done} iterations, more than --iterations "
-                         f"{iterations}: {more}")
-    result = run_dir / "eval.json"
-    if iterations == done and result.is_file() and \
-            result.stat().st_mtime_ns >= (run_dir / "checkpoint.pt").stat().st_mtime_ns:
-        raise UsageError(f"--resume {run_dir}: the run is already complete ({done} iterations; results in "
-                         f"eval.json and policy/): {more}")
-
-
 def per_rank(state):
     """`state` of every process, a list by rank, under torchrun (every process must call it): each process
     samples its own rollouts, so a resumed run needs each one's random state. One process: `state`."""
@@ -1145,14 +1004,6 @@ def per_rank(state):
     return out
 
 
-def own_rank(saved):
-    """This process's entry of what `per_rank` saved; a one-process checkpoint's state as it is (a run resumed
-    on another number of processes continues, with other random numbers)."""
-    if not isinstance(saved, list):
-        return saved
-    return saved[_rank()] if len(saved) == (dist.get_world_size() if dist.is_initialized() else 1) else saved[0]
-
-
 def rng_state():
     """The global generators' states, per process (`per_rank`: every process calls it), in the plain forms
     `torch.load(weights_only=True)` accepts."""
@@ -1161,15 +1012,6 @@ def rng_state():
     return per_rank({"python": [py[0], list(py[1]), py[2]], "torch": torch.random.get_rng_state(),
                      "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
                                "gauss": float(gauss)}})
-
-
-def set_rng_state(s):
-    s = own_rank(s)
-    py = s["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = s["numpy"]
-    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.random.set_rng_state(s["torch"])
 
 
 def interrupted(e: KeyboardInterrupt, run_dir: Path, rank: int, algo: str, save_policy, resumed: bool):
@@ -1276,21 +1118,9 @@ def save_final(policy, critic, tok, run_dir: Path):
     if policy_state is None:
         policy.save_pretrained(run_dir / "policy")
     else:
-        save_pretrained_unsharded(policy, policy_state, run_dir / "policy")
+        fsdp.save_pretrained_unsharded(policy, policy_state, run_dir / "policy")
     tok.save_pretrained(run_dir / "policy")
     torch.save(critic_state, run_dir / "critic.pt")
-
-
-def save_pretrained_unsharded(model, state: dict, path: Path) -> None:
-    """`save_pretrained` of a sharded model from its gathered full state dict; config.json names the model's
-    own class, not FSDP's wrapper class."""
-    from torch.distributed.fsdp import FSDPModule
-
-    own = next(c for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule))
-    model.save_pretrained(path, state_dict=state)
-    config = type(model.config).from_pretrained(path)
-    config.architectures = [own.__name__]
-    config.save_pretrained(path)
 
 
 def save_interrupted(policy, critic, tok, run_dir: Path) -> bool:
@@ -1324,97 +1154,11 @@ def reference_nll(model, tok, task: Task, examples, qi, qm, args) -> torch.Tenso
     return -(lp * rm).sum() / rm.sum().clamp(min=1)
 
 
-def build_guide(kind: str, task: Task, guide_path: str | None, learner_tok, device, *, top_p: float, top_k: int,
-                temperature: float, min_new_tokens: int, policy=None, setup: ModelSetup | None = None, server=None,
-                chat_template: str = "off"):
-    """The frozen black-box guide: `model` (an HF causal or encoder-decoder LM, default the task's embedded
-    guide), `rule` (our rule-based guide for CommonGen and TL;DR) or the URL of an OpenAI-compatible server
-    (`http://HOST:PORT/v1`), reached as `server` (a `common.server_guide.ServerOptions`) says. A model guide that is a
-    LoRA policy's own start model (same path) is that policy's base with the adapters off, not a second copy; any
-    other model guide is loaded (4/8-bit with the policy, `setup`). Loading leaves the random streams alone. A
-    model guide keeps its own chat template, applied to its own prompt, whenever its tokenizer has one and
-    `chat_template` is not off.
+def __getattr__(name: str):
+    """`rt.build_guide` for code that reaches the guide through this module (benchmarks/reproduce.py): the one in
+    common/guides.py, imported on first use."""
+    if name == "build_guide":
+        from common.guides import build_guide
 
-    `learner`: the official code's moving guide (SPEC 5.1, a defect there): the current learner itself, `policy`,
-    sampled with the guide's settings (top-p 0.92 ...), so its samples follow the learner's weights as they train;
-    its tokenizer and chat template are those a model guide of the learner's start model would have. Offered to
-    reproduce the paper's published setting next to the frozen guide."""
-    from common.guides import RULE_GUIDES, CallableGuide, HFGuide, is_server_url
-
-    if is_server_url(kind):
-        from common.server_guide import ServerOptions, build_server_guide
-
-        if guide_path:
-            raise UsageError(f"--guide-model {guide_path} is a model loaded in this process; the server's model is "
-                             "named with --guide-model-name")
-        return build_server_guide(kind, server or ServerOptions(), top_p=top_p, top_k=top_k, temperature=temperature)
-    if server is not None:
-        refuse_server_flags(kind, lambda name: getattr(server, name))
-    if kind == "rule":
-        if task.name not in RULE_GUIDES:
-            raise UsageError(f"--guide rule exists for {', '.join(RULE_GUIDES)}, not {task.name}: use --guide model")
-        return CallableGuide(RULE_GUIDES[task.name], name=f"{task.name}-rule")
-    if kind != "model":
-        if kind == "learner":
-            return learner_guide(policy, top_p=top_p, top_k=top_k, temperature=temperature,
-                                 min_new_tokens=min_new_tokens, device=device, chat_template=chat_template)
-        raise UsageError(f"--guide must be model, rule, learner or a server URL (http://HOST:PORT/v1), not {kind!r}")
-    gtok = load_tokenizer(guide_path)
-    setup_chat(gtok, "off" if chat_template == "off" else "auto", encoder_decoder=is_encoder_decoder(guide_path))
-    if is_lora(policy) and guide_path == policy.path:
-        model = policy.reference()
-    else:
-        with torch.random.fork_rng(devices=[]):
-            model = load_causal_lm(guide_path, gtok, device, "--guide-model",
-                                   quantization=setup.quantization_config() if setup else None)
-    return HFGuide(model, gtok, top_p=top_p, top_k=top_k, temperature=temperature,
-                   min_new_tokens=min_new_tokens, device=device, name=guide_path)
-
-
-def server_options(args):
-    """The server guide's connection settings (`common.server_guide.ServerOptions`, from the `--guide-*` flags) for
-    `--guide http://HOST:PORT/v1`; None for any other guide, which never imports common/server_guide.py."""
-    from common.guides import is_server_url
-
-    if not is_server_url(args.guide):
-        return None
-    from common.server_guide import ServerOptions
-
-    return ServerOptions.from_args(args)
-
-
-SERVER_FLAGS = ("model_name", "chat", "cache", "extra_body")
-"""the `--guide-*` flags only a server guide reads (fields of ServerOptions)"""
-
-
-def refuse_server_flags(kind: str, value) -> None:
-    """One line where a flag only a server guide reads (`value(name)` for each of SERVER_FLAGS) is given with
-    `--guide kind`, which is not a server."""
-    for name in SERVER_FLAGS:
-        if value(name):
-            raise UsageError(f"--guide-{name.replace('_', '-')} is for a server guide (--guide http://HOST:PORT/v1), "
-                             f"not --guide {kind}")
-
-
-def learner_guide(policy, *, top_p: float, top_k: int, temperature: float, min_new_tokens: int, device,
-                  chat_template: str = "off"):
-    """`--guide learner`: an HFGuide sampling `policy`, the learner being trained, whose weights it leaves
-    trainable (the guide of every other kind is frozen). See `build_guide`."""
-    from common.guides import HFGuide
-
-    if policy is None:
-        raise UsageError("--guide learner needs the learner (the script's policy)")
-    path = policy.path if is_lora(policy) else _base_model(policy).name_or_path
-    gtok = load_tokenizer(path)
-    setup_chat(gtok, "off" if chat_template == "off" else "auto", encoder_decoder=is_encoder_decoder(path))
-    return HFGuide(policy, gtok, top_p=top_p, top_k=top_k, temperature=temperature, min_new_tokens=min_new_tokens,
-                   device=device, name=f"the learner ({path}, moving)", frozen=False)
-
-
-def _base_model(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def mixed_rows(prompts, guide_parts, learner_parts, scores):
-    """Sample-table rows that mark where the guide's text ends and the learner's begins."""
-    return list(zip(prompts, guide_parts, learner_parts, scores))
+        return build_guide
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

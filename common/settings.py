@@ -14,14 +14,12 @@ filled in; every value is checked. From then on `args` does not change, and it i
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
 import typing
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 
 from common.errors import UsageError
 
@@ -252,8 +250,12 @@ def finish_settings(args, algo: str, aliases: dict | None = None):
 
     rt.quiet_libraries()
     given = given_fields(args)
-    old = _saved_args(args.resume) if args.resume else None
-    args = rt.resume_settings(args, algo)  # --resume: the run's own settings, flags given again checked
+    old = None
+    if args.resume:  # the run's own settings, flags given again checked (common/resume.py)
+        from common.resume import resume_settings, saved_args
+
+        old = saved_args(args.resume)
+        args = resume_settings(args, algo)
     task = get_task(args.task)
     if old is None:
         args = fill_presets(args, task.name, args.preset, aliases=aliases, given=given)
@@ -267,14 +269,6 @@ def finish_settings(args, algo: str, aliases: dict | None = None):
     check_choices(args)
     rt.check_settings(args, world)
     return args
-
-
-def _saved_args(run_dir: str) -> dict | None:
-    try:
-        old = json.loads((Path(run_dir) / "args.json").read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None  # resume_settings says what is wrong, in one line
-    return old if isinstance(old, dict) else None
 
 
 # ---------------------------------------------------------------------------------------------------

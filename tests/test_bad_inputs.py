@@ -20,6 +20,7 @@ import lols
 import ppo
 import ppo_plus_plus
 from common import embedded as ce
+from common import guides
 from common import models as cm
 from common import runtime as rt
 from common.errors import UsageError
@@ -58,8 +59,9 @@ def no_slow_work(monkeypatch):
     def touched(*a, **k):
         raise AssertionError("a model was resolved, built or loaded before the bad input was found")
 
-    for name in ("resolve_models", "build_policy_ref_critic", "make_reward", "build_guide"):
+    for name in ("resolve_models", "build_policy_ref_critic", "make_reward"):
         monkeypatch.setattr(rt, name, touched)
+    monkeypatch.setattr(guides, "build_guide", touched)
     monkeypatch.setattr(ce, "embedded_models", touched)
 
 
@@ -86,7 +88,7 @@ def test_fsdp_full_state_dict_keeps_tied_weights_tied_and_saves_like_a_plain_mod
         fsdp.shard([model], None, torch.device("cpu"), 1)
         state = fsdp.full_state_dict(model)
         assert state["lm_head.weight"].data_ptr() == state["transformer.wte.weight"].data_ptr()
-        rt.save_pretrained_unsharded(model, state, tmp_path / "fsdp")
+        fsdp.save_pretrained_unsharded(model, state, tmp_path / "fsdp")
     finally:
         rt._RUN.update(fsdp=False)
         if dist.is_initialized():

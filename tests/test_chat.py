@@ -127,8 +127,8 @@ def test_guide_gets_the_task_text_and_keeps_its_own_template(chat_model, monkeyp
     rec = _Recorder(guides.sample)
     monkeypatch.setattr(guides, "sample", rec)
     for mode, templated in (("auto", True), ("off", False)):
-        g = rt.build_guide("model", task, str(chat_model), None, "cpu", top_p=0.92, top_k=0, temperature=1.0,
-                           min_new_tokens=1, chat_template=mode)
+        g = guides.build_guide("model", task, str(chat_model), None, "cpu", top_p=0.92, top_k=0, temperature=1.0,
+                               min_new_tokens=1, chat_template=mode)
         assert isinstance(g, HFGuide)
         first = len(rec.calls)
         guide_continue(g, tok, queries, prefixes, max_new_tokens=8, min_new_tokens=1)

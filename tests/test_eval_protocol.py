@@ -22,6 +22,7 @@ from conftest import DATA, needs_data
 import ppo
 import ppo_plus_plus
 from common import presets
+from common import guides, resume
 from common import runtime as rt
 from common.errors import UsageError
 from common.settings import finish_settings
@@ -260,7 +261,7 @@ def test_a_resumed_run_from_before_these_settings_keeps_evaluating_as_it_did(tmp
            if k not in ("eval_decoding", "eval_num_beams", "final_eval_samples")}
     (tmp_path / "args.json").write_text(json.dumps({"script": "ppo", **old}))
     monkeypatch.setattr(rt, "_CLI_GIVEN", set())
-    args = rt.resume_settings(ppo.Args(resume=str(tmp_path)), "ppo")
+    args = resume.resume_settings(ppo.Args(resume=str(tmp_path)), "ppo")
     assert (args.eval_decoding, args.final_eval_samples, args.eval_samples) == ("sample", 100, 100)
 
 
@@ -273,8 +274,8 @@ def test_the_learner_guide_samples_the_current_weights(tmp_path):
     path = build_tiny("commongen", tmp_path / "m", seed=5)
     tok = load_tokenizer(str(path))
     policy = load_causal_lm(str(path), tok, torch.device("cpu"))
-    guide = rt.build_guide("learner", task, None, None, "cpu", top_p=0.92, top_k=0, temperature=1.0,
-                           min_new_tokens=2, policy=policy)
+    guide = guides.build_guide("learner", task, None, None, "cpu", top_p=0.92, top_k=0, temperature=1.0,
+                               min_new_tokens=2, policy=policy)
     assert guide.model is policy and guide.top_p == 0.92
     assert all(p.requires_grad for p in policy.parameters())  # still trained: the guide freezes nothing
     prompts = [e.prompt for e in task.load("validation", str(DATA), limit=4)]
@@ -288,8 +289,8 @@ def test_the_learner_guide_samples_the_current_weights(tmp_path):
     after = guide.complete(prompts, [""] * 4, [10] * 4)
     assert all(text == " the" * 10 for text, _ in after), after
     # a frozen model guide of the same start model does not follow the learner
-    frozen = rt.build_guide("model", task, str(path), None, "cpu", top_p=0.92, top_k=0, temperature=1.0,
-                            min_new_tokens=2, policy=policy)
+    frozen = guides.build_guide("model", task, str(path), None, "cpu", top_p=0.92, top_k=0, temperature=1.0,
+                                min_new_tokens=2, policy=policy)
     torch.manual_seed(0)
     assert frozen.complete(prompts, [""] * 4, [10] * 4) == before
 

@@ -3,7 +3,7 @@ table of the README and its list of the official code's defects (Where we differ
 
 Every test runs a script's `main` in-process on tiny random models (tests/_tiny.py) and watches it
 through the module-level names it calls (`sample`, `guide_continue`, `forward_response`, `compute_gae`,
-`masked_whiten`) plus `common.runtime` hooks (`build_guide`, `make_critic`, `make_reward`,
+`masked_whiten`) plus the hooks `common.guides.build_guide` and `common.runtime`'s (`make_critic`, `make_reward`,
 `RunLogger.scalars`). Masks are read from behaviour, not from variable names: the tokens that get the
 policy loss are those where d loss / d log pi(y_t) != 0, the tokens that train the critic are those
 where d loss / d V(s_t) != 0 (captured with tensor hooks in the training forwards).
@@ -34,6 +34,7 @@ import lols  # noqa: E402
 import ppo  # noqa: E402
 import ppo_plus_plus  # noqa: E402
 from common import runtime as rt  # noqa: E402
+from common import guides  # noqa: E402
 from common.generation import decode  # noqa: E402
 from common.guides import CallableGuide, HFGuide  # noqa: E402
 from common.models import load_tokenizer  # noqa: E402
@@ -149,7 +150,7 @@ class Recorder:
 
     def _patch(self, mod, mp, guide, reward):
         rec = self
-        real_build_guide, real_make_critic = rt.build_guide, rt.make_critic
+        real_build_guide, real_make_critic = guides.build_guide, rt.make_critic
         real_sample, real_guide_continue = mod.sample, mod.guide_continue
         real_forward, real_gae, real_whiten = mod.forward_response, mod.compute_gae, mod.masked_whiten
         real_scalars = rt.RunLogger.scalars
@@ -213,7 +214,7 @@ class Recorder:
                 rec.cur = Iteration()
             return real_scalars(self, metrics, step)
 
-        mp.setattr(rt, "build_guide", build_guide)
+        mp.setattr(guides, "build_guide", build_guide)
         mp.setattr(rt, "make_critic", make_critic)
         if reward is not None:
             mp.setattr(rt, "make_reward", lambda *a, **k: reward)
@@ -675,7 +676,7 @@ def test_resume_restores_coins_phase_and_both_critics(models, tmp_path, algo):
     kw = dict(beta=0.5, lr=1e-3, lr_schedule="constant", keep_checkpoint=True, **extra)
     model = models("commongen")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rt, "build_guide", lambda *a, **k: one_token_guide())
+        mp.setattr(guides, "build_guide", lambda *a, **k: one_token_guide())
         mp.setattr(rt, "make_reward", lambda *a, **k: length_reward)
         mod.main(script_args(mod, "commongen", model, tmp_path, run_name="full", iterations=4, **kw))
         mod.main(script_args(mod, "commongen", model, tmp_path, run_name="part", iterations=2, **kw))

@@ -22,6 +22,7 @@ import lols  # noqa: E402
 import ppo  # noqa: E402
 import ppo_plus_plus  # noqa: E402
 from common import runtime as rt  # noqa: E402
+from common import guides  # noqa: E402
 from common.errors import UsageError  # noqa: E402
 from common.generation import forward_response, left_pad, right_pad, sample  # noqa: E402
 from common.lora import AdapterView, LoraPolicy, ModelSetup, adapter_parameters  # noqa: E402
@@ -120,11 +121,11 @@ def _args(mod, task: str, model: Path, out: Path, **kw):
 
 
 class Spy:
-    """Records what rt.build_policy_ref_critic, rt.make_critic and rt.build_guide return inside a script."""
+    """Records what rt.build_policy_ref_critic, rt.make_critic and guides.build_guide return inside a script."""
 
     def __init__(self, mp):
         self.built, self.critics, self.guides = [], [], []
-        real_build, real_critic, real_guide = rt.build_policy_ref_critic, rt.make_critic, rt.build_guide
+        real_build, real_critic, real_guide = rt.build_policy_ref_critic, rt.make_critic, guides.build_guide
 
         def build(*a, **k):
             out = real_build(*a, **k)
@@ -143,7 +144,7 @@ class Spy:
 
         mp.setattr(rt, "build_policy_ref_critic", build)
         mp.setattr(rt, "make_critic", critic)
-        mp.setattr(rt, "build_guide", guide)
+        mp.setattr(guides, "build_guide", guide)
 
 
 # ---------------------------------------------------------------------------------------------------

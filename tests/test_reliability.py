@@ -25,6 +25,7 @@ import lols
 import ppo
 import ppo_plus_plus
 from common import embedded as cm
+from common import resume
 from common import runtime as rt
 from common import settings
 from common.errors import Terminated
@@ -202,16 +203,16 @@ def test_resume_refuses_a_changed_setting_and_allows_the_documented_ones(tmp_pat
     old = {"script": "ppo", **{k: v for k, v in ppo.Args().__dict__.items()}, "task": "tldr", "lr": 1e-4,
            "iterations": 5, "eval_interval": 5}
     (run / "args.json").write_text(json.dumps(old))
-    args = rt.resume_settings(ppo.Args(resume=str(run), iterations=9, eval_interval=3), "ppo")
+    args = resume.resume_settings(ppo.Args(resume=str(run), iterations=9, eval_interval=3), "ppo")
     assert (args.task, args.lr, args.iterations, args.eval_interval) == ("tldr", 1e-4, 9, 3)
     assert "--iterations 9 (was 5), --eval-interval 3 (was 5)" in capsys.readouterr().out
     with pytest.raises(rt.UsageError, match=r"--lr was 0.0001 in that run, not 0.002") as e:
-        rt.resume_settings(ppo.Args(resume=str(run), lr=2e-3), "ppo")
+        resume.resume_settings(ppo.Args(resume=str(run), lr=2e-3), "ppo")
     assert "\n" not in str(e.value)
     # named on the command line at its default value: given, so refused too (tldr run, --task imdb is the default)
     monkeypatch.setattr(rt, "_CLI_GIVEN", {"task", "resume"})
     with pytest.raises(rt.UsageError, match="--task was 'tldr'"):
-        rt.resume_settings(ppo.Args(resume=str(run), task="imdb"), "ppo")
+        resume.resume_settings(ppo.Args(resume=str(run), task="imdb"), "ppo")
 
 
 @pytest.mark.parametrize("made_by,resumed_with", [("ppo", "lols"), ("lols", "ppo"), ("d2lols", "aggrevated"),
@@ -271,7 +272,7 @@ def test_checkpoint_round_trips_under_weights_only(tmp_path):
     rt.save_checkpoint(tmp_path / "c.pt", {"rng": state, "sampler": sampler.state_dict(), "mix": random.Random(2).getstate()})
     loaded = torch.load(tmp_path / "c.pt", weights_only=True)
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
-    rt.set_rng_state(loaded["rng"])
+    resume.set_rng_state(loaded["rng"])
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
     other = rt.PromptSampler(10, 0)
     other.load_state_dict(loaded["sampler"])

@@ -24,12 +24,13 @@ import d2lols  # noqa: E402
 import lols  # noqa: E402
 import ppo  # noqa: E402
 import ppo_plus_plus  # noqa: E402
-from common import generation  # noqa: E402
+from common import guides, seq2seq  # noqa: E402
 from common import runtime as rt  # noqa: E402
-from common.generation import (ValueModel, decoder_start_id, forward_response, is_seq2seq, left_pad,  # noqa: E402
+from common.generation import (ValueModel, forward_response, is_seq2seq, left_pad,  # noqa: E402
                                preallocated_cache, right_pad, sample)
 from common.guides import HFGuide, guide_continue  # noqa: E402
 from common.models import load_causal_lm, load_tokenizer  # noqa: E402
+from common.seq2seq import decoder_start_id  # noqa: E402
 
 TASKS = ("imdb", "commongen", "tldr")
 SCRIPTS = {"ppo": ppo, "ppo_plus_plus": ppo_plus_plus, "aggrevated": aggrevated, "lols": lols, "d2lols": d2lols}
@@ -198,7 +199,7 @@ def test_t5_sampling_cache_is_hf_encoder_decoder_cache_and_matches_the_dynamic_o
         used.append(preallocated_cache(model, capacity))
         return used[-1]
 
-    monkeypatch.setattr(generation, "preallocated_cache", spy)
+    monkeypatch.setattr(seq2seq, "preallocated_cache", spy)  # sample_seq2seq's cache
     hook = model.get_encoder().register_forward_hook(lambda *a: encoder_calls.append(1))
     torch.manual_seed(0)
     ours = sample(model, queries, **kw)
@@ -208,7 +209,7 @@ def test_t5_sampling_cache_is_hf_encoder_decoder_cache_and_matches_the_dynamic_o
     assert type(layer).__name__ == "PreallocatedLayer" and layer.key_buffer.shape[2] == 14
     assert len(used[0].self_attention_cache.layers) == len(model.decoder.block)
     assert used[0].cross_attention_cache.layers[0].keys.shape[2] == max(len(q) for q in queries)
-    monkeypatch.setattr(generation, "preallocated_cache", lambda model, capacity: EncoderDecoderCache(
+    monkeypatch.setattr(seq2seq, "preallocated_cache", lambda model, capacity: EncoderDecoderCache(
         DynamicCache(config=model.config), DynamicCache(config=model.config)))
     torch.manual_seed(0)
     plain = sample(model, queries, **kw)
@@ -325,7 +326,7 @@ def test_t5_resume_continues_with_the_same_numbers(t5, tmp_path):
     kw = dict(seed=2, beta=0.5, p_ppo_pp=0.5, lr=1e-3, lr_schedule="constant")
     model = t5("commongen")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rt, "build_guide", lambda *a, **k: one_token_guide())
+        mp.setattr(guides, "build_guide", lambda *a, **k: one_token_guide())
         mp.setattr(rt, "make_reward", lambda *a, **k: length_reward)
         lols.main(_args(lols, "commongen", model, tmp_path, run_name="full", iterations=4, **kw))
         lols.main(_args(lols, "commongen", model, tmp_path, run_name="part", iterations=2, keep_checkpoint=True, **kw))

@@ -27,7 +27,7 @@ from test_guided import T_TEXT, analyse, phase_of, run_recorded, script_args, t_
 
 import aggrevated  # noqa: E402
 import ppo_plus_plus  # noqa: E402
-from common import runtime as rt  # noqa: E402
+from common import guides  # noqa: E402
 from common.errors import UsageError  # noqa: E402
 from common.generation import decode  # noqa: E402
 from common.guides import CallableGuide, HFGuide, guide_continue, guide_metrics  # noqa: E402
@@ -305,20 +305,20 @@ def test_server_flags_are_checked(folders, tmp_path):
     task = get_task("commongen")
     kw = dict(top_p=0.92, top_k=0, temperature=1.0, min_new_tokens=5)
     with pytest.raises(UsageError, match="--guide-chat is for a server guide"):
-        rt.build_guide("rule", task, None, None, "cpu", server=ServerOptions(chat=True), **kw)
+        guides.build_guide("rule", task, None, None, "cpu", server=ServerOptions(chat=True), **kw)
     with pytest.raises(UsageError, match="--guide-model-name"):
-        rt.build_guide("http://127.0.0.1:9/v1", task, "some/folder", None, "cpu", **kw)
+        guides.build_guide("http://127.0.0.1:9/v1", task, "some/folder", None, "cpu", **kw)
     with pytest.raises(UsageError, match="RLGF_UNSET_KEY"):
-        rt.build_guide("http://127.0.0.1:9/v1", task, None, None, "cpu",
-                       server=ServerOptions(api_key_env="RLGF_UNSET_KEY", model_name="x"), **kw)
+        guides.build_guide("http://127.0.0.1:9/v1", task, None, None, "cpu",
+                           server=ServerOptions(api_key_env="RLGF_UNSET_KEY", model_name="x"), **kw)
     with pytest.raises(UsageError, match="--guide-extra-body must be a JSON object"):
-        rt.build_guide("http://127.0.0.1:9/v1", task, None, None, "cpu",
-                       server=ServerOptions(extra_body="[1]", model_name="x"), **kw)
+        guides.build_guide("http://127.0.0.1:9/v1", task, None, None, "cpu",
+                           server=ServerOptions(extra_body="[1]", model_name="x"), **kw)
     with pytest.raises(UsageError, match="--guide-cache .* cannot write there"):
-        rt.build_guide("http://127.0.0.1:9/v1", task, None, None, "cpu", server=ServerOptions(
+        guides.build_guide("http://127.0.0.1:9/v1", task, None, None, "cpu", server=ServerOptions(
             cache=str(tmp_path / "no" / "such" / "c.jsonl"), model_name="x"), **dict(kw, temperature=0.0))
     with pytest.raises(UsageError, match="--guide must be model, rule, learner or a server URL"):
-        rt.build_guide("ftp://x", task, None, None, "cpu", **kw)
+        guides.build_guide("ftp://x", task, None, None, "cpu", **kw)
 
 
 # ---------------------------------------------------------------------------------------------------
