@@ -402,6 +402,7 @@ def guide_alone(args: Args, task_name: str, kind: str, n: int | None = None) -> 
 
     from common import runtime as rt
     from common.chat import setup_chat, task_ids
+    from common.guides import build_guide
     from common.metrics import compute_metrics
     from common.models import is_encoder_decoder
     from common.tasks import get_task
@@ -415,9 +416,9 @@ def guide_alone(args: Args, task_name: str, kind: str, n: int | None = None) -> 
     elif kind == "learner":  # the moving guide alone: before any training it is the learner's start model
         guide_path = policy_path
     greedy = kind in ("greedy", "fewshot-greedy")
-    guide = rt.build_guide("rule" if kind == "rule" else "model", task, guide_path, None, torch.device("cpu"),
-                           top_p=pre["guide_top_p"], top_k=1 if greedy else pre["guide_top_k"],
-                           temperature=1.0, min_new_tokens=task.min_new_tokens, chat_template="auto")
+    guide = build_guide("rule" if kind == "rule" else "model", task, guide_path, None, torch.device("cpu"),
+                        top_p=pre["guide_top_p"], top_k=1 if greedy else pre["guide_top_k"],
+                        temperature=1.0, min_new_tokens=task.min_new_tokens, chat_template="auto")
     val = task.load("validation", data_dir, limit=(guide_prompts(args, task_name) if n is None else n) or None)
     tok = rt.load_tokenizer(policy_path)  # the prompts exactly as the learner sees them (cut to prompt_tokens)
     setup_chat(tok, "auto", encoder_decoder=is_encoder_decoder(policy_path))

@@ -1152,13 +1152,3 @@ def reference_nll(model, tok, task: Task, examples, qi, qm, args) -> torch.Tenso
     lp, _ = forward_response(model, qi, qm, ri, rm, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                              min_new_tokens=0, temperature=args.temperature)
     return -(lp * rm).sum() / rm.sum().clamp(min=1)
-
-
-def __getattr__(name: str):
-    """`rt.build_guide` for code that reaches the guide through this module (benchmarks/reproduce.py): the one in
-    common/guides.py, imported on first use."""
-    if name == "build_guide":
-        from common.guides import build_guide
-
-        return build_guide
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
