@@ -25,5 +25,6 @@ EXTRAS = {
     "resume.py": "--resume RUN_DIR",
     "seq2seq.py": "an encoder-decoder --policy-model or --guide-model (T5, BART)",
     "chat_template.py": "--chat-template on, or auto (the default) with a model whose tokenizer has a chat template",
+    "start_eval.py": "--start-eval-from RUN_FOLDER",
 }
 """module -> the flags that import it"""

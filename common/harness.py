@@ -127,7 +127,9 @@ class Run:
         elif args.resume:
             self.first_eval = ck["first_eval"]
         elif args.start_eval_from:  # another run's evaluations of the same start
-            self.first_eval = rt.copied_start_eval(args, self.logger, self.final_val is not self.val)
+            from common.start_eval import copied_start_eval
+
+            self.first_eval = copied_start_eval(args, self.logger, self.final_val is not self.val)
         else:
             self.first_eval = rt.evaluate_start(self._evaluate, start - 1)
         self.progress = rt.progress_bar(range(start, args.iterations + 1), enabled=self.rank == 0)

@@ -25,7 +25,7 @@ from common.generation import (ReferenceHeadValue, ValueModel, decode, forward_r
 from common.chat import setup_chat, template_length
 from common.settings import ModelSetup
 from common.models import _no_dropout, is_encoder_decoder, is_model_alias, load_causal_lm, load_tokenizer
-from common.tasks import TASKS, Task, encode_prompt
+from common.tasks import Task, encode_prompt
 
 
 def quiet_libraries():
@@ -552,55 +552,6 @@ def evaluate_start(run_eval, step: int) -> dict:
     return periodic if final is None else final
 
 
-START_EVAL_SETTINGS = ("task", "policy_model", "data_dir", "device", "bf16", "load_in_4bit", "load_in_8bit", "lora_r",
-                       "chat_template", "prompt_tokens", "max_new_tokens", "min_new_tokens", "temperature", "eval_samples",
-                       "final_eval_samples", "eval_decoding", "eval_num_beams", "reward_model", "slow_metrics")
-"""the settings that decide the evaluations of the start policy (evaluate uses a fixed seed, not the run's)"""
-
-
-def check_start_eval_from(args) -> list[dict]:
-    """--start-eval-from's folder: its metrics.jsonl rows, once the settings that decide the start's evaluations
-    (START_EVAL_SETTINGS; chat_template only once resolved) are found equal to `args`': its step-0 rows by tag
-    (eval, final_eval)."""
-    src = Path(args.start_eval_from)
-    try:
-        old = json.loads((src / "args.json").read_text())
-        rows = [json.loads(line) for line in (src / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--start-eval-from {src}: cannot read its args.json and metrics.jsonl ({type(e).__name__});"
-                         f" name the folder of a run that evaluated its start") from None
-    differ = [f"{_flag(k)} {old.get(k)!r}, not {getattr(args, k)!r}" for k in START_EVAL_SETTINGS
-              if hasattr(args, k) and old.get(k) != getattr(args, k) and getattr(args, k) != "auto"]
-    if differ:
-        raise UsageError(f"--start-eval-from {src}: that run's start was evaluated with other settings "
-                         f"({'; '.join(differ)}): drop --start-eval-from to evaluate this run's start")
-    found = {}
-    for tag in ("eval", "final_eval"):
-        row = next((r for r in rows if r.get("step") == 0 and f"{tag}/reward" in r), None)
-        if row is not None:
-            found[tag] = {k: v for k, v in row.items() if k.startswith(tag + "/")}
-    if "eval" not in found:
-        raise UsageError(f"--start-eval-from {src}: its metrics.jsonl has no evaluation at step 0 (that run did not "
-                         f"evaluate its start yet): drop --start-eval-from, or wait for it")
-    return found
-
-
-def copied_start_eval(args, logger, final_differs: bool) -> dict:
-    """--start-eval-from: the start policy's evaluations (step 0: eval/*, and final_eval/* where the final prompts
-    differ) copied from another run's metrics.jsonl into this run's, instead of made again; a sweep of runs from
-    one start evaluates it once. The evaluation restores the random streams, so skipping it changes no training
-    number. `final_differs`: the final evaluation's prompts are not the periodic ones. Returns eval.json's
-    "initial"."""
-    found = check_start_eval_from(args)
-    if final_differs and "final_eval" not in found:
-        raise UsageError(f"--start-eval-from {args.start_eval_from}: its start has no evaluation on the final "
-                         f"prompts (that run stopped between the two): drop --start-eval-from")
-    tags = ("eval", "final_eval") if final_differs else ("eval",)
-    for tag in tags:
-        logger.scalars(found[tag], 0)
-    return {k.split("/", 1)[1]: v for k, v in found[tags[-1]].items()}
-
-
 def evaluate_end(run_eval, step: int, last_periodic: dict | None) -> dict:
     """The final evaluation (eval.json's "final"): on the final evaluation's prompts where they differ from the
     periodic ones, else the last periodic evaluation (made at the last iteration, or now)."""
@@ -750,6 +701,8 @@ def check_settings(args, world: int) -> None:
 
         check_guide_settings(args)
     if value("start_eval_from") and not args.resume:
+        from common.start_eval import check_start_eval_from
+
         check_start_eval_from(args)
     if args.task == "commongen" and args.reward_model:
         raise UsageError("--reward-model is not used by commongen (its reward is CIDEr-D + SPICE)")

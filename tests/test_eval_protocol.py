@@ -23,6 +23,7 @@ import ppo
 import ppo_plus_plus
 from common import presets
 from common import guides, resume
+from common.start_eval import copied_start_eval
 from common import runtime as rt
 from common.errors import UsageError
 from common.settings import finish_settings
@@ -210,7 +211,7 @@ def test_start_eval_from_copies_the_start_evaluations_and_changes_no_training_nu
     (half / "metrics.jsonl").write_text("".join(l + "\n" for l in (tmp_path / "a" / "metrics.jsonl").read_text()
                                                 .splitlines() if "final_eval/" not in l))
     with pytest.raises(UsageError, match="no evaluation on the final prompts"):
-        rt.copied_start_eval(finish_settings(_ppo_args(ragged, tmp_path, "c", start_eval_from=str(half), **kw),
+        copied_start_eval(finish_settings(_ppo_args(ragged, tmp_path, "c", start_eval_from=str(half), **kw),
                                              "ppo"), None, final_differs=True)
 
 
