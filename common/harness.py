@@ -181,10 +181,11 @@ class Run:
                         q, t = used_columns(qm[mi], rm[mi])
                         v = critic_t(qi[mi, q], qm[mi, q], ri[mi, t], rm[mi, t].long(),
                                      hidden=None if ref_hidden is None else ref_hidden[mi, t])
-                        v_old, ret = values[mi, t], returns[mi, t]
+                        v_old, ret, m_val = values[mi, t], returns[mi, t], value_mask[mi, t]
+                        # the scripts' value loss of line 6, line for line (tests/test_scripts_agree.py)
                         v_clip = v_old + (v - v_old).clamp(-args.clip_range_vf, args.clip_range_vf)
                         vf_losses = torch.max((v - ret) ** 2, (v_clip - ret) ** 2)
-                        vf_loss = 0.5 * (vf_losses * value_mask[mi, t]).sum() / n_val
+                        vf_loss = 0.5 * (vf_losses * m_val).sum() / n_val
                         (args.vf_coef * vf_loss).backward()
                     torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
                     self.optimizer.step()

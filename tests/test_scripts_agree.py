@@ -1,6 +1,6 @@
 """The code the five scripts keep in common on purpose (each is one self-contained file) stays the same in all five:
 the helpers (GAE, masked mean and whitening, the per-token KL, the adaptive KL controller), the PPO update of
-line 6, the logged metrics every script shares, and the settings' defaults and documentation. A change to one copy
+line 6 (and its value loss in the critic's warm-up), the logged metrics every script shares, and the settings' defaults and documentation. A change to one copy
 that is not made to the others fails here."""
 
 from __future__ import annotations
@@ -52,6 +52,20 @@ def test_the_ppo_update_is_the_same_in_every_script():
     assert len(blocks["ppo"]) > 40
     for name, block in blocks.items():
         assert block == blocks["ppo"], f"line 6 of {name}.py differs from ppo.py's"
+
+
+def test_the_critic_warm_up_uses_line_6s_value_loss():
+    """--critic-warmup (common/harness.py) trains the critic with the value loss of line 6: the same lines."""
+    from common.harness import Run
+
+    def value_loss(src: str) -> list[str]:
+        lines = [line.strip() for line in src.splitlines()]
+        i = next(k for k, line in enumerate(lines) if line.startswith("v_clip = "))
+        return lines[i: i + 4]
+
+    script = value_loss(inspect.getsource(ppo.main))
+    assert script[-1] == "(args.vf_coef * vf_loss).backward()"
+    assert value_loss(inspect.getsource(Run.warm_up_critic)) == script
 
 
 def test_the_shared_metrics_are_computed_the_same_way():
