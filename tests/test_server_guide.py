@@ -392,3 +392,18 @@ def test_tiny_hf_guide_cut_at_its_budget_gets_no_eos(tmp_path):
     assert len(calls) > 1, "the unfinished text was not continued"
     outs = guide_continue(guide_writing(gtok.eos_token_id), learner, q, [x] * 3, max_new_tokens=budget, min_new_tokens=0)
     assert outs == [[learner.eos_token_id]] * 3
+
+
+def test_server_options_are_the_guide_settings_server_fields():
+    """ServerOptions (the server guide's own API) mirrors the `--guide-*` server settings: the same fields, the same
+    defaults, and from_args carries every one of them."""
+    import dataclasses
+
+    from common.settings import GuideSettings
+
+    settings = {f.name[len("guide_"):]: f.default for f in dataclasses.fields(GuideSettings)}
+    options = {f.name: f.default for f in dataclasses.fields(ServerOptions)}
+    assert options == {k: settings[k] for k in options}
+    assert set(guides.SERVER_FLAGS) <= set(options)
+    given = GuideSettings(**{"guide_" + k: f"value-{k}" for k in options})
+    assert ServerOptions.from_args(given) == ServerOptions(**{k: f"value-{k}" for k in options})
