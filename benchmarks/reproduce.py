@@ -722,7 +722,35 @@ def comparison_lines(cells, metric: str) -> list[str]:
 
 # the metrics a task's headline tables and plots show, besides the reward (TL;DR's offline reward is ROUGE-L)
 KEY_METRICS = {"imdb": ["reward"], "commongen": ["reward", "cider", "rougeL", "bleu"], "tldr": ["reward"]}
+CURVE_METRIC = {"commongen": "cider"}
+"""the metric of the learning-curve table (default: reward); CommonGen's CIDEr-D with the evaluated prompts' own
+document frequencies"""
 NOTES_MARK = "<!-- written by hand below this line: reproduce.py keeps it as it is -->"
+
+
+def curve_lines(cells, metric: str) -> list[str]:
+    """The learning curves as a table: each configuration's periodic evaluation of `metric`, mean over seeds at
+    each evaluated iteration (an iteration only some seeds reached: their mean), the iteration of the highest mean,
+    and the last mean less the highest and less the one before it: where a curve flattens, both are near 0."""
+    steps = sorted({s for _, runs in cells for r in runs for s, _ in r["curves"].get(metric, [])})
+    if not steps:
+        return []
+    lines = ["| algorithm | guide | seeds | " + " | ".join(f"it. {s}" for s in steps)
+             + " | peak: iteration (mean) | last - peak | last - previous |",
+             "|---|---|---|" + "---|" * (len(steps) + 3)]
+    for (_, algo, guide), runs in by_algo(cells):
+        curves = [dict(r["curves"].get(metric, [])) for r in runs]
+        means = {s: float(np.mean(v)) for s in steps if (v := finite(c.get(s) for c in curves))}
+        if not means:
+            continue
+        peak = max(means, key=means.get)
+        done = sorted(means)
+        last = means[done[-1]]
+        before = f"{last - means[done[-2]]:+.3f}" if len(done) > 1 else "-"
+        lines.append(f"| {algo} | {guide} | {len(runs)} | "
+                     + " | ".join(f"{means[s]:.3f}" if s in means else "-" for s in steps)
+                     + f" | {peak} ({means[peak]:.3f}) | {last - means[peak]:+.3f} | {before} |")
+    return lines
 
 
 def finite(values) -> list[float]:
@@ -859,6 +887,14 @@ def report(args: Args):
                   "", "| algorithm | guide | " + " | ".join(diag_keys) + " |", "|---|---|" + "---|" * len(diag_keys)]
         for (_, algo, guide), runs in by_algo(cells):
             lines.append(f"| {algo} | {guide} | " + " | ".join(fmt([r["diag"][k] for r in runs]) for k in diag_keys) + " |")
+        curve_metric = CURVE_METRIC.get(task, "reward")
+        table = curve_lines(cells, curve_metric)
+        if table:
+            how = cells[0][1][0].get("evaluation", {})
+            prompts = f" on {how['periodic_prompts']} prompts" if how.get("periodic_prompts") else ""
+            lines += ["", f"Learning curves: the periodic evaluation's `{curve_metric}`{prompts}, mean over seeds at "
+                      "each evaluated iteration; peak: the iteration with the highest mean; where a curve flattens, "
+                      "the last two columns are near 0:", ""] + table
         lines.append("")
         def on(n):  # the prompts a level was scored on
             return f", {n:.0f} prompts" if n else ""

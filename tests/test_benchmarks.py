@@ -33,7 +33,8 @@ def test_grid_is_seed_major_and_filters_guides():
     assert len(first) == 2 * (1 + len(reproduce.GUIDED))
 
 
-def _fake_run(runs_dir: Path, name: str, initial: float, final: float):
+def _fake_run(runs_dir: Path, name: str, initial: float, final: float, middle: float | None = None):
+    """A finished run: eval.json, and metrics.jsonl with 4 iterations, evaluated at 0 and 4 (and at 2: `middle`)."""
     d = runs_dir / name
     d.mkdir(parents=True)
     (d / "eval.json").write_text(json.dumps({"initial": {"reward": initial, "kl": 0.0},
@@ -43,6 +44,8 @@ def _fake_run(runs_dir: Path, name: str, initial: float, final: float):
               "value/explained_variance": 0.2 * i, **({"guide/learner_tokens": 20.0 + i} if guided else {})}
              for i in (1, 2, 3, 4)]
     lines = [{"step": 0, "eval/reward": initial}, *train, {"step": 4, "eval/reward": final}]
+    if middle is not None:
+        lines.insert(3, {"step": 2, "eval/reward": middle})
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
 
 
@@ -106,6 +109,24 @@ def test_report_tables_means_and_plots(tmp_path, monkeypatch):
     diag = _table_after(text, "Training diagnostics")
     assert diag["ppo"][2:] == ["48.000 ± 0.000", "0.700 ± 0.000", "0.350 ± 0.000", "-"]
     assert diag["d2lols"][2:] == ["22.500", "0.700", "0.350", "-"]
+
+
+def test_report_tables_the_learning_curves(tmp_path):
+    """Mean over seeds at each evaluated iteration, the peak, and the last mean against the peak and the one before."""
+    runs = tmp_path / "runs"
+    for seed, (mid, end) in enumerate(((0.9, 0.7), (0.7, 0.6), (0.8, 0.8)), start=1):  # means 0.8 at 2, 0.7 at 4
+        _fake_run(runs, f"ppo-none-imdb-seed{seed}", 0.5, end, middle=mid)
+    _fake_run(runs, "d2lols-model-imdb-seed1", 0.5, 0.9, middle=0.6)
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "guides.json").write_text(json.dumps({"imdb/model": {"reward": 0.65}}))
+    reproduce.report(reproduce.Args(tasks=["imdb"], seeds=[1, 2, 3], algos=["ppo", "d2lols"], runs_dir=str(runs),
+                                    results_dir=str(res), report_only=True))
+    text = (res / "README.md").read_text()
+    assert "Learning curves: the periodic evaluation's `reward`" in text
+    curves = _table_after(text, "Learning curves")
+    assert curves["ppo"][2:] == ["3", "0.500", "0.800", "0.700", "2 (0.800)", "-0.100", "-0.100"]
+    assert curves["d2lols"][2:] == ["1", "0.500", "0.600", "0.900", "4 (0.900)", "+0.000", "+0.300"]
 
 
 def test_t_distribution_against_textbook_values():
