@@ -327,9 +327,13 @@ def load_runs(args: Args):
 def diagnostics(metrics: list[dict]) -> dict:
     """Training-side figures that help explain the final numbers: how many tokens per rollout got the policy
     loss (PPO: all; guided: the learner's part), and, over the second half of training, how well the critic
-    predicted the returns, the training reward, and the reward of the guide's own samples."""
+    predicted the returns, the training reward, and the reward of the guide's own samples; the last two also
+    early, over the iterations up to the first periodic evaluation after the start (rollouts are sampled as
+    training samples them, so they compare with each other, not with the evaluation's decoding)."""
     train = [r for r in metrics if "time/iteration" in r]
     late = train[len(train) // 2:]
+    first_eval = min((r["step"] for r in metrics if r.get("step", 0) > 0 and "eval/reward" in r), default=None)
+    early = [r for r in train if first_eval is None or r["step"] <= first_eval]
     def mean(rows, k):  # over the iterations that logged a finite value (guide-only reward: only when there was one)
         vals = [r[k] for r in rows if k in r and np.isfinite(r[k])]
         return float(np.mean(vals)) if vals else None
@@ -338,7 +342,9 @@ def diagnostics(metrics: list[dict]) -> dict:
     return {"policy tokens / rollout": mean(train, "guide/learner_tokens" if guided else "train/response_length"),
             "critic explained variance": mean(late, "value/explained_variance"),
             "training reward": mean(late, "objective/reward"),
-            "guide-only reward": mean(late, "guide/reward_guide_only")}
+            "guide-only reward": mean(late, "guide/reward_guide_only"),
+            "training reward, early": mean(early, "objective/reward"),
+            "guide-only reward, early": mean(early, "guide/reward_guide_only")}
 
 
 def _setting(args: Args, task_name: str) -> tuple:
@@ -883,7 +889,10 @@ def report(args: Args):
             if table:
                 lines += [""] + table
         diag_keys = list(cells[0][1][0]["diag"])
-        lines += ["", "Training diagnostics, mean ± SE over seeds (second half of training, except the token count):",
+        lines += ["", "Training diagnostics, mean ± SE over seeds (second half of training, except the token count; "
+                  "early: the iterations up to the first periodic evaluation after the start). Training rewards are "
+                  "of the rollouts as sampled in training, the guide's as the guide decodes, not as the evaluation "
+                  "decodes:",
                   "", "| algorithm | guide | " + " | ".join(diag_keys) + " |", "|---|---|" + "---|" * len(diag_keys)]
         for (_, algo, guide), runs in by_algo(cells):
             lines.append(f"| {algo} | {guide} | " + " | ".join(fmt([r["diag"][k] for r in runs]) for k in diag_keys) + " |")

@@ -105,10 +105,11 @@ def test_report_tables_means_and_plots(tmp_path, monkeypatch):
     assert steps == [0, 4] and lo == [0.5, 0.6] and hi == [0.5, 0.8]
 
     # diagnostics: PPO trains every token, a guided run its learner tokens (all iterations); the critic and the
-    # training reward over the second half of training (iterations 3 and 4)
+    # training reward over the second half of training (iterations 3 and 4); early: iterations 1-4, up to the first
+    # evaluation after the start (step 4)
     diag = _table_after(text, "Training diagnostics")
-    assert diag["ppo"][2:] == ["48.000 ± 0.000", "0.700 ± 0.000", "0.350 ± 0.000", "-"]
-    assert diag["d2lols"][2:] == ["22.500", "0.700", "0.350", "-"]
+    assert diag["ppo"][2:] == ["48.000 ± 0.000", "0.700 ± 0.000", "0.350 ± 0.000", "-", "0.250 ± 0.000", "-"]
+    assert diag["d2lols"][2:] == ["22.500", "0.700", "0.350", "-", "0.250", "-"]
 
 
 def test_report_tables_the_learning_curves(tmp_path):
@@ -127,6 +128,9 @@ def test_report_tables_the_learning_curves(tmp_path):
     curves = _table_after(text, "Learning curves")
     assert curves["ppo"][2:] == ["3", "0.500", "0.800", "0.700", "2 (0.800)", "-0.100", "-0.100"]
     assert curves["d2lols"][2:] == ["1", "0.500", "0.600", "0.900", "4 (0.900)", "+0.000", "+0.300"]
+    # early diagnostics: the iterations up to the first evaluation after the start, here 1 and 2
+    diag = _table_after(text, "Training diagnostics")
+    assert diag["ppo"][-2] == "0.150 ± 0.000" and diag["d2lols"][-2] == "0.150"
 
 
 def test_t_distribution_against_textbook_values():
