@@ -793,6 +793,11 @@ def by_algo(cells):
     return sorted(cells, key=lambda kv: (ALGOS.index(kv[0][1]), kv[0][2]))
 
 
+def alone(kind: str) -> str:
+    """A guide's name in the guide-alone rows: the moving guide alone is the learner's start (it moves with it)."""
+    return "learner, at the start" if kind == "learner" else kind
+
+
 def label(algo, guide) -> str:
     return algo if guide == "-" else f"{algo} ({guide} guide)"
 
@@ -827,7 +832,7 @@ def report(args: Args):
         lines.append("| initial policy | " + " | ".join(fmt([i.get(m) for i in init[t]]) for t, m in cols) + " |")
         for kind in row_kinds:
             cells = [guides.get(f"{t}/{kind_of(t, kind)}") for t, _ in cols]
-            lines.append(f"| the guide alone{'' if kind is None else f' ({kind})'} | " + " | ".join(
+            lines.append(f"| the guide alone{'' if kind is None else f' ({alone(kind)})'} | " + " | ".join(
                 fmt([c.get(m)]) if c else "-" for c, (_, m) in zip(cells, cols)) + " |")
         for algo in ALGOS:
             for kind in ["-"] if algo == "ppo" else row_kinds:
@@ -865,7 +870,7 @@ def report(args: Args):
                      + " | ".join(fmt([i.get(m) for i in init]) for m in metric_keys) + " |")
         for kind in kinds:
             if f"{task}/{kind}" in guides:
-                lines.append(f"| the guide alone | {kind} | - | "
+                lines.append(f"| the guide alone | {alone(kind)} | - | "
                              + " | ".join(fmt([guides[f'{task}/{kind}'].get(m)]) for m in metric_keys) + " |")
         for (_, algo, guide), runs in by_algo(cells):
             lines.append(f"| {algo} | {guide} | {len(runs)} | "
@@ -907,7 +912,7 @@ def report(args: Args):
         lines.append("")
         def on(n):  # the prompts a level was scored on
             return f", {n:.0f} prompts" if n else ""
-        levels = {m: [(f"the guide alone ({kind}{on(guides[f'{task}/{kind}'].get('prompts'))})",
+        levels = {m: [(f"the guide alone ({alone(kind)}{on(guides[f'{task}/{kind}'].get('prompts'))})",
                        guides[f"{task}/{kind}"].get(m)) for kind in kinds if f"{task}/{kind}" in guides]
                   + [(f"the start model{on(init[0].get('prompts') if init else None)}",
                       mean_se([i.get(m) for i in init]))]

@@ -133,6 +133,20 @@ def test_report_tables_the_learning_curves(tmp_path):
     assert diag["ppo"][-2] == "0.150 ± 0.000" and diag["d2lols"][-2] == "0.150"
 
 
+def test_report_names_the_moving_guide_alone_as_the_learners_start(tmp_path):
+    runs = tmp_path / "runs"
+    _fake_run(runs, "ppo-none-imdb-seed1", 0.5, 0.6)
+    _fake_run(runs, "ppo_plus_plus-learner-imdb-seed1", 0.5, 0.7)
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "guides.json").write_text(json.dumps({"imdb/learner": {"reward": 0.45}}))
+    reproduce.report(reproduce.Args(tasks=["imdb"], seeds=[1], algos=["ppo", "ppo_plus_plus"], guides=["learner"],
+                                    runs_dir=str(runs), results_dir=str(res), report_only=True))
+    final = _table_after((res / "README.md").read_text(), "Final validation metrics")
+    assert final["the guide alone"][1:4] == ["learner, at the start", "-", "0.450"]
+    assert final["ppo_plus_plus"][1:4] == ["learner", "1", "0.700"]
+
+
 def test_t_distribution_against_textbook_values():
     # two-sided 95% critical values from any t table; Cauchy (df 1): P(T <= 2) = 1/2 + atan(2)/pi by hand
     for df, crit in ((1, 12.7062047), (4, 2.7764451), (10, 2.2281389), (30, 2.0422725)):
