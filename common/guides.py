@@ -39,7 +39,7 @@ from common.errors import UsageError
 from common.generation import decode, query_room, sample
 from common.models import is_encoder_decoder, load_causal_lm, load_tokenizer
 from common.runtime import is_lora
-from common.settings import ModelSetup
+from common.settings import ModelSetup, flag
 from common.tasks import Task
 
 
@@ -290,7 +290,7 @@ def refuse_server_flags(kind: str, value) -> None:
     `--guide kind`, which is not a server."""
     for name in SERVER_FLAGS:
         if value(name):
-            raise UsageError(f"--guide-{name.replace('_', '-')} is for a server guide (--guide http://HOST:PORT/v1), "
+            raise UsageError(f"{flag('guide_' + name)} is for a server guide (--guide http://HOST:PORT/v1), "
                              f"not --guide {kind}")
 
 

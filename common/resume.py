@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from common import runtime as rt
 from common.errors import UsageError
-from common.settings import given_fields
+from common.settings import flag, given_fields
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -69,10 +69,10 @@ def resume_settings(args, algo: str):
             updates[k] = was
         elif k in RESUME_MAY_CHANGE:
             updates[k] = new
-            changed.append(f"{rt._flag(k)} {new} (was {was})")
+            changed.append(f"{flag(k)} {new} (was {was})")
         else:
-            raise UsageError(f"--resume {run_dir}: {rt._flag(k)} was {was!r} in that run, not {new!r}; a resumed run "
-                             f"keeps its settings (may change: {', '.join(rt._flag(c) for c in RESUME_MAY_CHANGE)})")
+            raise UsageError(f"--resume {run_dir}: {flag(k)} was {was!r} in that run, not {new!r}; a resumed run "
+                             f"keeps its settings (may change: {', '.join(flag(c) for c in RESUME_MAY_CHANGE)})")
     if changed and int(os.environ.get("RANK", "0")) == 0:
         print(f"resuming {run_dir} with its own settings, except " + ", ".join(changed))
     return dataclasses.replace(args, **updates)

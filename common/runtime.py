@@ -23,7 +23,7 @@ from common.errors import RunFailed, UsageError, exit_code
 from common.generation import (ReferenceHeadValue, ValueModel, decode, forward_response, left_pad, position_limit,
                                right_pad, sample, set_bf16)
 from common.chat import setup_chat, template_length
-from common.settings import ModelSetup
+from common.settings import ModelSetup, flag
 from common.models import _no_dropout, is_encoder_decoder, is_model_alias, load_causal_lm, load_tokenizer
 from common.tasks import Task, encode_prompt
 
@@ -647,10 +647,6 @@ def report(before: dict, after: dict, run_dir: Path, file=sys.stdout, protocol: 
 # ---------------------------------------------------------------------------------------------------
 # settings: checked before any slow work; --resume restores a run's own
 # ---------------------------------------------------------------------------------------------------
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 _AT_LEAST_1 = ("iterations", "rollouts_per_iteration", "minibatch_size", "micro_batch_size", "n_epochs",
                "eval_interval", "eval_samples", "save_interval", "prompt_tokens", "max_new_tokens", "kl_horizon",
                "eval_num_beams")
@@ -671,14 +667,14 @@ def check_settings(args, world: int) -> None:
     for name in _AT_LEAST_1 + _AT_LEAST_0 + _ABOVE_0 + _NOT_NEGATIVE + _FROM_0_TO_1:
         v = value(name)
         if isinstance(v, float) and not math.isfinite(v):
-            raise UsageError(f"{_flag(name)} must be a finite number, not {v}")
+            raise UsageError(f"{flag(name)} must be a finite number, not {v}")
     for names, ok, what in ((_AT_LEAST_1, lambda v: v >= 1, "at least 1"), (_AT_LEAST_0, lambda v: v >= 0, "0 or more"),
                             (_ABOVE_0, lambda v: v > 0, "above 0"), (_NOT_NEGATIVE, lambda v: v >= 0, "0 or more"),
                             (_FROM_0_TO_1, lambda v: 0 <= v <= 1, "in [0, 1]")):
         for name in names:
             v = value(name)
             if v is not None and not ok(v):
-                raise UsageError(f"{_flag(name)} must be {what}, not {v}")
+                raise UsageError(f"{flag(name)} must be {what}, not {v}")
     if args.min_new_tokens > args.max_new_tokens:
         raise UsageError(f"--min-new-tokens {args.min_new_tokens} exceeds --max-new-tokens {args.max_new_tokens}")
     decoding = value("eval_decoding")
@@ -721,7 +717,7 @@ def check_models(args, setup: ModelSetup | None = None) -> None:
     for name, role in roles.items():
         v = getattr(args, name, None)
         if v and not is_model_alias(v):
-            check_model_kind(v, _flag(name), role, args.task)
+            check_model_kind(v, flag(name), role, args.task)
     policy = getattr(args, "policy_model", None)
     if setup is not None and setup.lora and setup.lora_target_modules and not is_model_alias(policy):
         from common.lora import check_targets

@@ -216,6 +216,12 @@ GROUPS = (RunSettings, ModelSettings, GuideSettings)
 # settings derived from others when left at None (the only fields whose default is "see another")
 DERIVED = {"save_interval": "--eval-interval", "micro_batch_size": "the whole per-process minibatch"}
 
+
+def flag(name: str) -> str:
+    """The command-line flag of a settings field: lora_r -> --lora-r."""
+    return "--" + name.replace("_", "-")
+
+
 def given_fields(args) -> set[str]:
     """The fields the user set: named on the command line or by a Python caller (`NotesGiven`), or different from
     the default."""
@@ -238,7 +244,7 @@ def check_choices(args) -> None:
         if typing.get_origin(hints[f.name]) is typing.Literal:
             choices = typing.get_args(hints[f.name])
             if getattr(args, f.name) not in choices:
-                raise UsageError(f"--{f.name.replace('_', '-')} must be {' or '.join(map(str, choices))}, not "
+                raise UsageError(f"{flag(f.name)} must be {' or '.join(map(str, choices))}, not "
                                  f"{getattr(args, f.name)!r}")
 
 

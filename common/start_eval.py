@@ -7,10 +7,7 @@ import json
 from pathlib import Path
 
 from common.errors import UsageError
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+from common.settings import flag
 
 
 START_EVAL_SETTINGS = ("task", "policy_model", "data_dir", "device", "bf16", "load_in_4bit", "load_in_8bit", "lora_r",
@@ -30,7 +27,7 @@ def check_start_eval_from(args) -> list[dict]:
     except (OSError, ValueError) as e:
         raise UsageError(f"--start-eval-from {src}: cannot read its args.json and metrics.jsonl ({type(e).__name__});"
                          f" name the folder of a run that evaluated its start") from None
-    differ = [f"{_flag(k)} {old.get(k)!r}, not {getattr(args, k)!r}" for k in START_EVAL_SETTINGS
+    differ = [f"{flag(k)} {old.get(k)!r}, not {getattr(args, k)!r}" for k in START_EVAL_SETTINGS
               if hasattr(args, k) and old.get(k) != getattr(args, k) and getattr(args, k) != "auto"]
     if differ:
         raise UsageError(f"--start-eval-from {src}: that run's start was evaluated with other settings "
