@@ -734,6 +734,13 @@ document frequencies"""
 NOTES_MARK = "<!-- written by hand below this line: reproduce.py keeps it as it is -->"
 
 
+def seed_values(runs, metric: str) -> tuple[list, list[list]]:
+    """The evaluated iterations of `runs`' curves of `metric`, and at each the values of the seeds that have one."""
+    curves = [dict(r["curves"].get(metric, [])) for r in runs]
+    steps = sorted({s for c in curves for s in c})
+    return steps, [[c[s] for c in curves if s in c] for s in steps]
+
+
 def curve_lines(cells, metric: str) -> list[str]:
     """The learning curves as a table: each configuration's periodic evaluation of `metric`, mean over seeds at
     each evaluated iteration (an iteration only some seeds reached: their mean), the iteration of the highest mean,
@@ -745,8 +752,7 @@ def curve_lines(cells, metric: str) -> list[str]:
              + " | peak: iteration (mean) | last - peak | last - previous |",
              "|---|---|---|" + "---|" * (len(steps) + 3)]
     for (_, algo, guide), runs in by_algo(cells):
-        curves = [dict(r["curves"].get(metric, [])) for r in runs]
-        means = {s: float(np.mean(v)) for s in steps if (v := finite(c.get(s) for c in curves))}
+        means = {s: float(np.mean(f)) for s, v in zip(*seed_values(runs, metric)) if (f := finite(v))}
         if not means:
             continue
         peak = max(means, key=means.get)
@@ -943,9 +949,7 @@ def plot(task, cells, path: Path, metrics=("reward",), levels: dict | None = Non
     final_note, curve_note = "", "band: min to max"
     for ax, metric in zip(axes.flat, metrics):
         for i, ((_, algo, guide), runs) in enumerate(by_algo(cells)):
-            curves = [dict(r["curves"].get(metric, [])) for r in runs]
-            steps = sorted({s for c in curves for s in c})
-            vals = [[c[s] for c in curves if s in c] for s in steps]
+            steps, vals = seed_values(runs, metric)
             color = f"C{i}"
             ax.plot(steps, [np.mean(v) for v in vals], marker="o", ms=3, color=color,
                     label=f"{label(algo, guide)}, {len(runs)} seed{'s' if len(runs) > 1 else ''}",
