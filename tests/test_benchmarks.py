@@ -70,6 +70,8 @@ def test_report_tables_means_and_plots(tmp_path, monkeypatch):
     _fake_run(runs, "ppo-none-imdb-seed2", 0.5, 0.8)
     _fake_run(runs, "ppo-none-imdb-seed3", 0.5, 0.7)
     _fake_run(runs, "d2lols-model-imdb-seed1", 0.5, 0.9)
+    (runs / "ppo-none-imdb-seed2" / "args.json").write_text(json.dumps({"resume": str(runs / "ppo-none-imdb-seed2")}))
+    (runs / "ppo-none-imdb-seed3" / "args.json").write_text(json.dumps({"resume": None}))
     res = tmp_path / "res"
     res.mkdir()
     (res / "guides.json").write_text(json.dumps({"imdb/model": {"reward": 0.65, "kl": None}}))
@@ -97,6 +99,8 @@ def test_report_tables_means_and_plots(tmp_path, monkeypatch):
     comparison = _table_after(text, "Final validation value")
     assert comparison["ppo"][1] == "0.700 ± 0.058" and comparison["d2lols"][1] == "0.900"
     assert comparison["the guide alone"][1] == "0.650"  # one guide per task: one row per algorithm
+    # the runs resumed after an interruption are named (args.json's `resume`), the others not
+    assert "(`resume` in their args.json): ppo seed 2. A resumed run" in text
 
     # the plot: a band from the lowest to the highest seed for the 3-seed configuration, none for one seed
     assert (res / "imdb.png").stat().st_size > 1000
