@@ -11,6 +11,9 @@ them, and at what cost per update.
 
     RLGF_DATA_DIR=../shared/data OMP_NUM_THREADS=1 python benchmarks/critic_fit.py --policy-model smollm2 \
         --iterations 8 --json-out critic_fit.json
+
+`--ceiling` adds what any value head on the reference's states could predict at best (`linear_ceiling`): ridge
+regressions of the returns on the stored states, scored on batches they were not fitted on.
 """
 
 from __future__ import annotations
@@ -128,14 +131,48 @@ def replay(setting: dict, critic0, hidden_size: int, batches: list[dict], args) 
                 grad_norm_median=float(torch.tensor(grad_norms).median()))
 
 
+def linear_ceiling(batches: list[dict], gamma: float, alphas=(1.0, 1e2, 1e3, 1e4, 1e5, 1e6)) -> dict:
+    """What a value head on these hidden states could predict at best, given every other batch: ridge regressions
+    (features standardised on the training batches, closed form) of each response position's return (the
+    discounted sum of the rewards from there on, GAE with lambda 1 and no values) on the reference's hidden state,
+    scored leave-one-batch-out (a batch's rollouts never train the model that scores them). Returns, per ridge
+    alpha, the explained variance of the held-out predictions pooled over every batch, and the same for training
+    on the first k batches only and scoring the last two (how the ceiling grows with data)."""
+    X = [b["hidden"][b["rm"].bool()].double() for b in batches]
+    y = [ppo.compute_gae(b["rewards"], torch.zeros_like(b["rewards"]), b["rm"].float(), gamma, 1.0)[1][
+        b["rm"].bool()].double() for b in batches]
+
+    def fit_predict(train, test, alpha):
+        Xt, yt = torch.cat([X[i] for i in train]), torch.cat([y[i] for i in train])
+        mu, sd = Xt.mean(0), Xt.std(0).clamp(min=1e-8)
+        Z = (Xt - mu) / sd
+        w = torch.linalg.solve(Z.T @ Z + alpha * torch.eye(Z.shape[1], dtype=Z.dtype), Z.T @ (yt - yt.mean()))
+        return torch.cat([((X[i] - mu) / sd) @ w + yt.mean() for i in test])
+
+    def ev(pred, target):
+        return float(1 - (target - pred).var(unbiased=False) / target.var(unbiased=False).clamp(min=1e-12))
+
+    n = len(batches)
+    out = {"leave_one_batch_out": {}, "by_training_batches": {}}
+    for a in alphas:
+        pred = torch.cat([fit_predict([j for j in range(n) if j != i], [i], a) for i in range(n)])
+        out["leave_one_batch_out"][a] = ev(pred, torch.cat(y))
+        test = [n - 2, n - 1]
+        out["by_training_batches"][a] = {k: ev(fit_predict(list(range(k)), test, a), torch.cat([y[i] for i in test]))
+                                         for k in (1, 2, 4, 8, 16, 32, 64) if k <= n - 2}
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--policy-model", default="smollm2")
     p.add_argument("--task", default="commongen")
     p.add_argument("--iterations", type=int, default=8, help="batches rolled out (iterations replayed)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--settings", default="all", help="comma-separated setting names (default: all)")
+    p.add_argument("--settings", default="all", help="comma-separated setting names (default: all; none: the rollouts and --ceiling only)")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--ceiling", action="store_true",
+                   help="also the linear ceiling: what a value head on the reference's states could predict at best")
     o = p.parse_args()
     out_dir = tempfile.mkdtemp(prefix="critic-fit-")
     args = finish_settings(ppo.Args(task=o.task, policy_model=o.policy_model, seed=o.seed, output_dir=out_dir,
@@ -153,6 +190,17 @@ def main():
                  lr=args.lr, vf_coef=args.vf_coef, n_epochs=args.n_epochs, minibatch=args.minibatch_size,
                  rollouts=args.rollouts_per_iteration, preset_iterations=args.iterations)
     print(json.dumps(facts), flush=True)
+    if o.ceiling:
+        ceil = linear_ceiling(batches, args.gamma)
+        facts["linear_ceiling"] = ceil
+        print("linear ceiling (ridge on the reference's states), explained variance of held-out returns:")
+        for a, v in ceil["leave_one_batch_out"].items():
+            grow = ", ".join(f"{k}: {e:+.3f}" for k, e in ceil["by_training_batches"][a].items())
+            print(f"  alpha {a:g}: leave one batch out {v:+.3f}; trained on the first k batches, scored on the "
+                  f"last two: {grow}", flush=True)
+        if o.json_out:
+            with open(o.json_out, "w") as f:
+                json.dump(dict(facts=facts, results=[]), f, indent=1)
     lr = args.lr
     settings = [
         dict(name="full lr x1", kind="full", lr=lr), dict(name="full lr x10", kind="full", lr=10 * lr),

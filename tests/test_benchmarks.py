@@ -1,5 +1,6 @@
 """benchmarks/reproduce.py: the grid's order and filters, and the report built from finished run folders;
-benchmarks/throughput.py: one floor per counted iteration, of its own work."""
+benchmarks/throughput.py: one floor per counted iteration, of its own work; benchmarks/critic_fit.py: the linear
+ceiling on known data."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import critic_fit  # noqa: E402
 import reproduce  # noqa: E402
 import throughput  # noqa: E402
 
@@ -342,3 +344,27 @@ def test_a_grid_run_copies_the_start_evaluations_of_a_finished_run_and_falls_bac
     monkeypatch.setattr(reproduce.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or
                         subprocess.CompletedProcess(cmd, 1, "", "RuntimeError: boom"))
     assert not reproduce._run_locked(args, "commongen", "ppo", "-", 4) and len(calls) == 1
+
+
+@pytest.mark.parametrize("signal", [1.0, 0.0])
+def test_the_critics_linear_ceiling_on_known_data(signal):
+    """Returns = w.h + noise with var(w.h) = signal, var(noise) = 1: the held-out explained variance of the best
+    linear head is signal / (signal + 1) (0.5 and 0), and fitting on more batches does not lower it. Responses of
+    two tokens with no KL reward and gamma 1, so each position's return is the rollout's reward: the function must
+    sum the rewards that follow a position (a return read at the wrong position would score the noise)."""
+    g = torch.Generator().manual_seed(0)
+    dim, w = 8, torch.randn(8, generator=torch.Generator().manual_seed(1))
+    w = w / w.norm() * signal ** 0.5
+    batches = []
+    for _ in range(10):
+        h = torch.randn(300, 2, dim, generator=g)
+        reward = h[:, 0] @ w + torch.randn(300, generator=g)  # the first position's state decides the reward
+        h[:, 1] = h[:, 0]  # the second position sees the same state
+        rewards = torch.zeros(300, 2)
+        rewards[:, 1] = reward
+        batches.append(dict(hidden=h, rm=torch.ones(300, 2, dtype=torch.long), rewards=rewards))
+    out = critic_fit.linear_ceiling(batches, gamma=1.0, alphas=(1.0,))
+    expected = signal / (signal + 1)
+    assert out["leave_one_batch_out"][1.0] == pytest.approx(expected, abs=0.04)
+    grow = out["by_training_batches"][1.0]
+    assert list(grow) == [1, 2, 4, 8] and grow[8] == pytest.approx(expected, abs=0.06)
