@@ -116,7 +116,8 @@ class Run:
         self.critics_t = dict(zip(self.critics, critics_t))  # what trains: the DDP / FSDP handles
         self.critic_t = critics_t[0]
         self.logger = rt.RunLogger(self.run_dir, args, enabled=self.rank == 0,
-                                   resume_from=start if args.resume else None, algo=self.algo)
+                                   resume_from=start if args.resume else None, algo=self.algo,
+                                   final_tag="eval" if self.final_val is self.val else "final_eval")
         guide = f"guide {getattr(self.guide, 'name', args.guide)}, beta {args.beta}; " if self.guide else ""
         self.info(f"{self.algo} on {self.task.name}: {guide}policy {self.policy_path}, "
                  f"{rt.describe_params(self.policy)} params, {self.world} process(es) on "

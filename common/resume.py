@@ -181,11 +181,13 @@ def _set_state(obj, saved):
 # ---------------------------------------------------------------------------------------------------
 # logs: what an earlier run logged from the resumed iteration on goes
 # ---------------------------------------------------------------------------------------------------
-def metrics_to_keep(jsonl: Path, resume_from: int) -> list[str]:
+def metrics_to_keep(jsonl: Path, resume_from: int, final_tag: str = "eval") -> list[str]:
     """The lines of a resumed run's metrics.jsonl that stay: those of steps before `resume_from` (later ones are
     redone). A line that is not a whole JSON record (a kill or a full disk cuts the last one short) is dropped,
     said in one line. Where every iteration was done (a run stopped while writing its results), the final
-    evaluation's line goes too: the resumed run logs it again."""
+    evaluation's line goes too, as the resumed run logs it again: `final_tag` is its prefix, `final_eval` where it
+    has prompts of its own (the last periodic evaluation's `eval` line then stays: it is not redone), `eval` where
+    the last periodic evaluation is the final one."""
     keep, damaged = [], []
     for n, line in enumerate(jsonl.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
@@ -198,7 +200,7 @@ def metrics_to_keep(jsonl: Path, resume_from: int) -> list[str]:
             damaged.append(n)
             continue
         if step < resume_from and not (step == resume_from - 1 == rt._RUN.get("iterations")
-                                       and all(k == "step" or k.startswith("eval/") for k in rec)):
+                                       and all(k == "step" or k.startswith(final_tag + "/") for k in rec)):
             keep.append(line)
     if damaged:
         print(f"{jsonl}: dropped {len(damaged)} incomplete line(s) (line {', '.join(map(str, damaged))}), as a kill "

@@ -580,9 +580,11 @@ def _md_escape(s: str, n: int = 400) -> str:
 class RunLogger:
     """TensorBoard scalars and sample tables, plus metrics.jsonl, under the run folder (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, args, enabled: bool = True, resume_from: int | None = None, algo: str = ""):
+    def __init__(self, run_dir: Path, args, enabled: bool = True, resume_from: int | None = None, algo: str = "",
+                 final_tag: str = "eval"):
         """`resume_from`: the first iteration of a resumed run; whatever an earlier run logged from there on
-        (iterations redone after the last checkpoint) is dropped, in TensorBoard and in metrics.jsonl."""
+        (iterations redone after the last checkpoint) is dropped, in TensorBoard and in metrics.jsonl, and so is
+        the final evaluation (logged as `final_tag`/*) of a run stopped after its last iteration."""
         self.enabled, self.run_dir = enabled, run_dir
         if not enabled:
             return
@@ -597,7 +599,7 @@ class RunLogger:
         if resume_from is not None and jsonl.exists():
             from common.resume import metrics_to_keep
 
-            jsonl.write_text("".join(l + "\n" for l in metrics_to_keep(jsonl, resume_from)))
+            jsonl.write_text("".join(l + "\n" for l in metrics_to_keep(jsonl, resume_from, final_tag)))
         cfg = {"script": algo, **asdict(args)}  # the script, so that --resume refuses another script's folder
         (run_dir / "args.json").write_text(json.dumps(cfg, indent=1, default=str))
         self.writer.add_text("args", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in cfg.items()))

@@ -127,19 +127,24 @@ runpy.run_path("ppo.py", run_name="__main__")
 # after the last iteration: an interruption says what is kept, and --resume writes the results
 # ---------------------------------------------------------------------------------------------------
 @needs_data
-def test_sigterm_in_the_final_save_keeps_the_run_and_resume_writes_its_results(cg_model, tmp_path, capsys,
-                                                                                monkeypatch):
-    real = rt.save_final
+@pytest.mark.parametrize("final_eval_samples", [None, 3])  # the final evaluation: the last periodic one, or its own
+@pytest.mark.parametrize("stop_in", ["evaluate_end", "save_final"])  # before the final evaluation is logged, after
+def test_sigterm_after_the_last_iteration_keeps_the_run_and_resume_writes_its_results(cg_model, tmp_path, capsys,
+                                                                                     monkeypatch, stop_in,
+                                                                                     final_eval_samples):
+    """The resumed run's metrics.jsonl is an uninterrupted run's: every evaluation once (the last periodic one
+    included, where the final evaluation has prompts of its own), and eval.json's final values are the final line's."""
+    real = getattr(rt, stop_in)
 
     def terminated(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)
         raise AssertionError("SIGTERM was not raised")
 
-    monkeypatch.setattr(rt, "save_final", terminated)
+    monkeypatch.setattr(rt, stop_in, terminated)
     with pytest.raises(SystemExit) as e:
-        ppo.main(_args(ppo, cg_model, tmp_path, iterations=2))
-    monkeypatch.setattr(rt, "save_final", real)
+        ppo.main(_args(ppo, cg_model, tmp_path, iterations=2, final_eval_samples=final_eval_samples))
+    monkeypatch.setattr(rt, stop_in, real)
     err = capsys.readouterr().err
     run = tmp_path / "run"
     assert e.value.code == 143 and "Traceback" not in err, err[-2000:]
@@ -153,9 +158,19 @@ def test_sigterm_in_the_final_save_keeps_the_run_and_resume_writes_its_results(c
     assert "resumed from iteration 2" in capsys.readouterr().out
     assert (run / "eval.json").is_file() and (run / "policy").is_dir() and not (run / "checkpoint.pt").exists()
     after = _jsonl(run / "metrics.jsonl")
-    assert [r["step"] for r in after] == [r["step"] for r in before]  # the final evaluation once, not twice
-    assert after == before
-    assert json.loads((run / "eval.json").read_text())["final"]["reward"] == after[-1]["eval/reward"]
+    ppo.main(_args(ppo, cg_model, tmp_path / "whole", iterations=2, final_eval_samples=final_eval_samples))
+    whole = _jsonl(tmp_path / "whole" / "run" / "metrics.jsonl")
+
+    def evaluations(rows):  # every line but the iterations' (whose times differ between two runs)
+        return [r for r in rows if "objective/reward" not in r]
+
+    assert [r["step"] for r in after] == [r["step"] for r in whole]
+    assert evaluations(after) == evaluations(whole)  # the last periodic evaluation and the final one, once each
+    if stop_in == "save_final":
+        assert after == before  # the final evaluation was logged before the signal: logged again, the same
+    tag = "eval" if final_eval_samples is None else "final_eval"
+    assert json.loads((run / "eval.json").read_text())["final"]["reward"] == after[-1][f"{tag}/reward"]
+    assert sum("eval/reward" in r for r in after) == 3  # before training, after iteration 1, after iteration 2
 
 
 # ---------------------------------------------------------------------------------------------------
