@@ -12,8 +12,8 @@ them, and at what cost per update.
     RLGF_DATA_DIR=../shared/data OMP_NUM_THREADS=1 python benchmarks/critic_fit.py --policy-model smollm2 \
         --iterations 8 --json-out critic_fit.json
 
-`--ceiling` adds what any value head on the reference's states could predict at best (`linear_ceiling`): ridge
-regressions of the returns on the stored states, scored on batches they were not fitted on.
+`--ceiling` adds how much of the returns a linear head on the reference's states can predict on batches it was not
+fitted on (`linear_ceiling`: ridge regressions of the returns on the stored states).
 """
 
 from __future__ import annotations
@@ -132,8 +132,8 @@ def replay(setting: dict, critic0, hidden_size: int, batches: list[dict], args) 
 
 
 def linear_ceiling(batches: list[dict], gamma: float, alphas=(1.0, 1e2, 1e3, 1e4, 1e5, 1e6)) -> dict:
-    """What a value head on these hidden states could predict at best, given every other batch: ridge regressions
-    (features standardised on the training batches, closed form) of each response position's return (the
+    """How much of the returns a value head on these hidden states can predict, given every other batch: ridge
+    regressions (features standardised on the training batches, closed form) of each response position's return (the
     discounted sum of the rewards from there on, GAE with lambda 1 and no values) on the reference's hidden state,
     scored leave-one-batch-out (a batch's rollouts never train the model that scores them). Returns, per ridge
     alpha, the explained variance of the held-out predictions pooled over every batch, and the same for training
@@ -169,10 +169,12 @@ def main():
     p.add_argument("--task", default="commongen")
     p.add_argument("--iterations", type=int, default=8, help="batches rolled out (iterations replayed)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--settings", default="all", help="comma-separated setting names (default: all; none: the rollouts and --ceiling only)")
+    p.add_argument("--settings", default="all",
+                   help="comma-separated setting names (default: all; none: the rollouts and --ceiling only)")
     p.add_argument("--json-out", default=None)
     p.add_argument("--ceiling", action="store_true",
-                   help="also the linear ceiling: what a value head on the reference's states could predict at best")
+                   help="also the linear ceiling: how much of the returns a linear head on the reference's states "
+                        "predicts")
     o = p.parse_args()
     out_dir = tempfile.mkdtemp(prefix="critic-fit-")
     args = finish_settings(ppo.Args(task=o.task, policy_model=o.policy_model, seed=o.seed, output_dir=out_dir,

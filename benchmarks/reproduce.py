@@ -319,7 +319,7 @@ def load_runs(args: Args):
         metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
         curves = {k[len("eval/"):]: [(r["step"], r[k]) for r in metrics if k in r]
                   for k in {k for r in metrics for k in r if k.startswith("eval/")}}
-        saved = run_dir / "args.json"  # `resume`: the folder it was resumed from (a run resumed more than once: the last)
+        saved = run_dir / "args.json"  # `resume`: the folder it was last resumed from
         resumed = bool(json.loads(saved.read_text()).get("resume")) if saved.exists() else False
         rows.setdefault((task, algo, guide), []).append({"seed": seed, **ev, "curves": curves, "resumed": resumed,
                                                          "diag": diagnostics(metrics)})
@@ -917,7 +917,8 @@ def report(args: Args):
             lines += ["", f"Learning curves: the periodic evaluation's `{curve_metric}`{prompts}, mean over seeds at "
                       "each evaluated iteration; peak: the iteration with the highest mean; where a curve flattens, "
                       "the last two columns are near 0:", ""] + table
-        resumed = [f"{label(a, g)} seed {r['seed']}" for (_, a, g), runs in by_algo(cells) for r in runs if r["resumed"]]
+        resumed = [f"{label(a, g)} seed {r['seed']}" for (_, a, g), runs in by_algo(cells)
+                   for r in runs if r["resumed"]]
         lines += ["", "Runs resumed from their last checkpoint after an interruption (`resume` in their args.json): "
                   + (", ".join(resumed) if resumed else "none") + ". A resumed run restores the models, optimiser and "
                   "every random state and repeats the iterations after its checkpoint; in tests/test_reliability.py::"
