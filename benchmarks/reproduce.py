@@ -5,7 +5,7 @@ real one (smollm2, docs/real-model.md).
 Writes `<results-dir>/README.md` (final validation reward and metrics: every seed's value, mean ± standard error
 over seeds; training diagnostics) and one PNG of learning curves per task (mean over seeds with a band from the
 lowest to the highest seed). The hand-written text at the end of the README, below the line `NOTES_MARK`, is
-kept as it is. Resumable: every run lives in `<runs-dir>/<algo>-<guide>-<task>-seed<s>`; a finished run
+kept as it is, and so is a hand-written head (a headline) above the line `HEAD_MARK`, where the README has one. Resumable: every run lives in `<runs-dir>/<algo>-<guide>-<task>-seed<s>`; a finished run
 (eval.json present) is skipped, an interrupted one continues from its last checkpoint, so re-running the same
 command picks up where it stopped. Several grid commands may share a runs folder (the same command started
 twice runs two at once, like --workers 2): a run another one is doing is skipped. A finished run keeps only
@@ -734,6 +734,7 @@ CURVE_METRIC = {"commongen": "cider"}
 """the metric of the learning-curve table (default: reward); CommonGen's CIDEr-D with the evaluated prompts' own
 document frequencies"""
 NOTES_MARK = "<!-- written by hand below this line: reproduce.py keeps it as it is -->"
+HEAD_MARK = "<!-- written by hand above this line: reproduce.py keeps it as it is -->"
 
 
 def seed_values(runs, metric: str) -> tuple[list, list[list]]:
@@ -936,7 +937,8 @@ def report(args: Args):
     readme = out / "README.md"
     old = readme.read_text() if readme.exists() else ""
     notes = old[old.index(NOTES_MARK):] if NOTES_MARK in old else NOTES_MARK + "\n"
-    readme.write_text("\n".join(lines) + "\n" + notes)
+    head = old[:old.index(HEAD_MARK) + len(HEAD_MARK)] + "\n\n" if HEAD_MARK in old else ""
+    readme.write_text(head + "\n".join(lines[2:] if head else lines) + "\n" + notes)  # a head has its own title
     print("\n".join(lines))
 
 
