@@ -319,9 +319,10 @@ def load_runs(args: Args):
         metrics = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
         curves = {k[len("eval/"):]: [(r["step"], r[k]) for r in metrics if k in r]
                   for k in {k for r in metrics for k in r if k.startswith("eval/")}}
-        saved = run_dir / "args.json"  # `resume`: the folder it was last resumed from
-        resumed = bool(json.loads(saved.read_text()).get("resume")) if saved.exists() else False
-        rows.setdefault((task, algo, guide), []).append({"seed": seed, **ev, "curves": curves, "resumed": resumed,
+        saved = run_dir / "args.json"
+        run_args = json.loads(saved.read_text()) if saved.exists() else {}
+        rows.setdefault((task, algo, guide), []).append({"seed": seed, **ev, "curves": curves, "args": run_args,
+                                                         "resumed": bool(run_args.get("resume")),  # its last --resume
                                                          "diag": diagnostics(metrics)})
     return rows
 
@@ -860,13 +861,11 @@ def report(args: Args):
         keys = ("iterations", "rollouts_per_iteration", "minibatch_size", "n_epochs", "lr", "kl_coef", "eval_samples",
                 "eval_decoding", "eval_num_beams", "final_eval_samples", "bf16", "chat_template", "guide_top_p")
         seen = {k: [] for k in keys}
-        for (_, a, g), runs in cells:
+        for _, runs in cells:
             for r in runs:
-                f = Path(args.runs_dir) / run_name(task, a, g, r["seed"]) / "args.json"
-                run_args = json.loads(f.read_text()) if f.exists() else {}
                 for k in keys:
-                    if k in run_args and run_args[k] not in seen[k]:
-                        seen[k].append(run_args[k])
+                    if k in r["args"] and r["args"][k] not in seen[k]:
+                        seen[k].append(r["args"][k])
         settings = "Settings of the runs: " + ", ".join(
             f"{k} {' / '.join(map(str, v))}" + (" (differ between runs)" if len(v) > 1 else "")
             for k, v in seen.items() if v) + "."
