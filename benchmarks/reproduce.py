@@ -702,10 +702,21 @@ def min_detectable(sd: float, n1: int, n2: int, alpha: float = 0.05, power: floa
     return (t_ppf(1 - alpha / 2, df) + t_ppf(power, df)) * sd * float(np.sqrt(1 / n1 + 1 / n2))
 
 
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjustment of the p-values of m comparisons made together (here: every guided
+    configuration against PPO): sorted ascending, the i-th (from 0) becomes max over j <= i of min(1, (m - j) p_(j)).
+    An adjusted p below alpha controls the chance of any false finding among the m at alpha."""
+    order, out, running = sorted(range(len(ps)), key=lambda i: ps[i]), [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
 def comparison_lines(cells, metric: str) -> list[str]:
     """The table of every guided configuration against PPO on `metric`: difference of means with Welch's 95%
-    interval and p-value, and the smallest difference the design detects (80% power, alpha 0.05; the SD pooled
-    over every configuration of the task)."""
+    interval and p-value, that p-value adjusted by Holm over the configurations of the table, and the smallest
+    difference the design detects (80% power, alpha 0.05; the SD pooled over every configuration of the task)."""
     runs = dict(cells)
     ppo = next((v for k, v in runs.items() if k[1] == "ppo"), None)
     if not ppo:
@@ -713,19 +724,19 @@ def comparison_lines(cells, metric: str) -> list[str]:
     values = {k: [r["final"].get(metric) for r in v] for k, v in runs.items()}
     sd = pooled_sd(values.values())
     lines = [f"| configuration | seeds | {metric}: guided - PPO | 95% interval (Welch) | p (Welch, two-sided) | "
-             "smallest detectable difference |", "|---|---|---|---|---|---|"]
+             "p (Holm) | smallest detectable difference |", "|---|---|---|---|---|---|---|"]
     base = values[next(k for k in runs if k[1] == "ppo")]
-    for (task, algo, guide), _ in by_algo(cells):
-        if algo == "ppo":
-            continue
-        w = welch(base, values[(task, algo, guide)])
+    rows = [(k, welch(base, values[k])) for k, _ in by_algo(cells) if k[1] != "ppo"]
+    tested = [w["p"] for _, w in rows if w is not None]
+    adjusted = iter(holm(tested))
+    for (task, algo, guide), w in rows:
         n1, n2 = len(finite(base)), len(finite(values[(task, algo, guide)]))
         mdd = f"{min_detectable(sd, n1, n2):.3f}" if sd is not None and n1 > 1 and n2 > 1 else "-"
         if w is None:
-            lines.append(f"| {label(algo, guide)} | {n2} | - | - | - | {mdd} |")
+            lines.append(f"| {label(algo, guide)} | {n2} | - | - | - | - | {mdd} |")
             continue
         lines.append(f"| {label(algo, guide)} | {n2} | {w['diff']:+.3f} | [{w['low']:+.3f}, {w['high']:+.3f}] | "
-                     f"{w['p']:.3f} | {mdd} |")
+                     f"{w['p']:.3f} | {next(adjusted):.3f} | {mdd} |")
     return lines
 
 
@@ -893,10 +904,12 @@ def report(args: Args):
                 f"{fmt_seeds(runs, lambda r: r['final'].get(m))} | {fmt([r['final'].get(m) for r in runs])}"
                 for m in key) + " |")
         lines += ["", "Each guided configuration against PPO (final validation value): the difference of the means "
-                  "over seeds with Welch's 95% t interval and two-sided p-value, and the smallest difference this "
-                  "design detects with 80% power at alpha 0.05 (two-sided t test; the SD pooled over every "
-                  "configuration of the task, the two configurations' seeds). An interval that contains 0 means "
-                  "these seeds cannot tell the configuration from PPO."]
+                  "over seeds with Welch's 95% t interval and two-sided p-value, that p-value adjusted by Holm's "
+                  "method over the configurations of the table (set against PPO together, one of them falls below "
+                  "0.05 by chance far more often than 5% of the time; a Holm p below 0.05 keeps that chance for all "
+                  "of them at 5%), and the smallest difference this design detects with 80% power at alpha 0.05 "
+                  "(two-sided t test; the SD pooled over every configuration of the task, the two configurations' "
+                  "seeds). An interval that contains 0 means these seeds cannot tell the configuration from PPO."]
         for m in key:
             table = comparison_lines(cells, m)
             if table:

@@ -218,8 +218,35 @@ def test_report_sets_each_guided_configuration_against_ppo(tmp_path):
     row = _table_after((res / "README.md").read_text(), "Each guided configuration against PPO")
     w = reproduce.welch([0.6, 0.8, 0.7], [0.5, 0.6, 0.55])
     mdd = reproduce.min_detectable(reproduce.pooled_sd([[0.6, 0.8, 0.7], [0.5, 0.6, 0.55]]), 3, 3)
-    assert row["ppo_plus_plus (model guide)"][1:] == [
-        "3", f"{w['diff']:+.3f}", f"[{w['low']:+.3f}, {w['high']:+.3f}]", f"{w['p']:.3f}", f"{mdd:.3f}"]
+    assert row["ppo_plus_plus (model guide)"][1:] == [  # one configuration against PPO: Holm leaves its p as it is
+        "3", f"{w['diff']:+.3f}", f"[{w['low']:+.3f}, {w['high']:+.3f}]", f"{w['p']:.3f}", f"{w['p']:.3f}",
+        f"{mdd:.3f}"]
+
+
+def test_holm_adjusts_the_p_values_of_comparisons_made_together():
+    # by hand, m = 4: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04, then made
+    # non-decreasing: 0.02, 0.03, 0.06, 0.06 (statsmodels' multipletests(method="holm") gives the same)
+    assert reproduce.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert reproduce.holm([0.5, 0.9]) == [1.0, 1.0] and reproduce.holm([0.2]) == [0.2] and reproduce.holm([]) == []
+
+
+def test_report_adjusts_p_by_holm_over_every_configuration_against_ppo(tmp_path):
+    runs = tmp_path / "runs"
+    guided = {"ppo_plus_plus": (0.5, 0.6, 0.55), "aggrevated": (0.62, 0.79, 0.71)}
+    for seed, p in enumerate((0.6, 0.8, 0.7), start=1):
+        _fake_run(runs, f"ppo-none-imdb-seed{seed}", 0.5, p)
+        for algo, values in guided.items():
+            _fake_run(runs, f"{algo}-model-imdb-seed{seed}", 0.5, values[seed - 1])
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "guides.json").write_text(json.dumps({"imdb/model": {"reward": 0.65}}))
+    reproduce.report(reproduce.Args(tasks=["imdb"], seeds=[1, 2, 3], algos=["ppo", "ppo_plus_plus", "aggrevated"],
+                                    runs_dir=str(runs), results_dir=str(res), report_only=True))
+    row = _table_after((res / "README.md").read_text(), "Each guided configuration against PPO")
+    ps = [reproduce.welch([0.6, 0.8, 0.7], guided[a])["p"] for a in ("ppo_plus_plus", "aggrevated")]
+    assert ps[0] < ps[1]  # so Holm doubles the smaller and keeps the larger (at least the doubled smaller)
+    assert row["ppo_plus_plus (model guide)"][4:6] == [f"{ps[0]:.3f}", f"{2 * ps[0]:.3f}"]
+    assert row["aggrevated (model guide)"][4:6] == [f"{ps[1]:.3f}", f"{max(ps[1], 2 * ps[0]):.3f}"]
 
 
 def test_throughput_sets_each_iteration_against_the_floor_of_its_own_work(tmp_path, monkeypatch):
